@@ -1,0 +1,82 @@
+"""Dependencies shared by the routes, declared once as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+import redis
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.blobstore import BlobStore
+from app.core.config import Settings
+from app.jobstore import ANONYMOUS, JobRecord, JobStore
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_redis(request: Request) -> redis.Redis:
+    return request.app.state.redis
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def get_blobs(request: Request) -> BlobStore:
+    return request.app.state.blobs
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key, when the server has keys.")
+
+
+def owner_of_key(key: str) -> str:
+    """A stable, non-secret id for a key: records never hold the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def get_owner(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    keys = settings.key_values()
+    if not keys:
+        return ANONYMOUS
+    if credentials is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "an API key is required: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    given = credentials.credentials.encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode())
+    if not matched:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return owner_of_key(credentials.credentials)
+
+
+OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+def get_owned_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobRecord:
+    """The job, if it exists and belongs to the caller; 404 otherwise (never 403: ids stay private)."""
+    record = store.get(job_id)
+    if record is None or record.owner != owner:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
+    return record
+
+
+OwnedJobDep = Annotated[JobRecord, Depends(get_owned_job)]

@@ -1,0 +1,181 @@
+"""Submit, inspect, stream, cancel and download jobs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException, Query, status
+from fastapi.responses import FileResponse, StreamingResponse
+
+from app import queue
+from app.api import validation
+from app.api.deps import BlobsDep, OwnedJobDep, OwnerDep, RedisDep, SettingsDep, StoreDep
+from app.api.routes.datasets import dataset_owner
+from app.jobstore import JobRecord, JobStore, events_channel, job_key, now
+from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+SSE_KEEPALIVE_S = 10.0
+
+
+def _with_position(record: JobRecord, store: JobStore) -> JobDocument:
+    doc = record.document
+    if doc.status is JobStatus.QUEUED:
+        doc.queue_position = queue.queue_position(store.redis, doc.model, doc.id)
+    return doc
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobDocument)
+def submit_job(
+    job: Annotated[JobRequest, Body(description="The job: its kind, model and parameters.")],
+    owner: OwnerDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    conn: RedisDep,
+) -> JobDocument:
+    """Validate a job against its model and the operator's limits, then queue it."""
+    if job.model not in settings.models:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"model {job.model!r} is not served here; served: {sorted(settings.models)}",
+        )
+    validation.check_limits(job, settings.limits)
+    info = queue.model_infos(conn).get(job.model)
+    if info is not None:
+        validation.check_shape(job, ModelInfo.model_validate(info))
+    validation.check_source_job(job, owner, store)
+    for field, dataset_id in validation.dataset_fields(job).items():
+        if dataset_owner(conn, dataset_id) != owner:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"{field}: data set {dataset_id!r} not found")
+    active = sum(
+        1
+        for job_id in store.list_ids(owner, settings.limits.max_active_jobs_per_key * 4)
+        if (r := store.get(job_id)) and not r.document.status.is_final
+    )
+    if active >= settings.limits.max_active_jobs_per_key:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"{active} of your jobs are queued or running; the limit is "
+            f"{settings.limits.max_active_jobs_per_key}",
+            headers={"Retry-After": "10"},
+        )
+    doc = store.create(
+        kind=job.kind, model=job.model, owner=owner, params=validation.public_params(job)
+    )
+    try:
+        queue.enqueue(conn, job.model, doc.id, settings.job_timeout_s)
+    except Exception:
+        store.redis.delete(job_key(doc.id))
+        raise
+    doc.queue_position = queue.queue_position(conn, job.model, doc.id)
+    return doc
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    owner: OwnerDep,
+    store: StoreDep,
+    status_: Annotated[JobStatus | None, Query(alias="status", description="Only this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobList:
+    """The caller's jobs, newest first."""
+    jobs: list[JobDocument] = []
+    offset, page = 0, max(limit, 100)
+    while len(jobs) < limit:
+        ids = store.list_ids(owner, page, offset)
+        if not ids:
+            break
+        for job_id in ids:
+            record = store.get(job_id)
+            if record and (status_ is None or record.document.status is status_):
+                jobs.append(_with_position(record, store))
+        offset += page
+    return JobList(jobs=jobs[:limit])
+
+
+@router.get("/{job_id}", response_model=JobDocument)
+def get_job(record: OwnedJobDep, store: StoreDep) -> JobDocument:
+    return _with_position(record, store)
+
+
+@router.get(
+    "/{job_id}/result",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "A safetensors file."},
+        409: {"description": "The job has not succeeded (yet)."},
+    },
+)
+def get_result(record: OwnedJobDep, blobs: BlobsDep) -> FileResponse:
+    """The result as one safetensors file, streamed from disk."""
+    doc = record.document
+    if doc.status is not JobStatus.SUCCEEDED:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {doc.id} is {doc.status}, not succeeded")
+    path = blobs.path(doc.id)
+    if not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"the result of job {doc.id} has expired")
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=f"{doc.kind}-{doc.id}.safetensors"
+    )
+
+
+@router.delete("/{job_id}", response_model=JobDocument, status_code=status.HTTP_202_ACCEPTED)
+def cancel_job(record: OwnedJobDep, store: StoreDep, settings: SettingsDep) -> JobDocument:
+    """Cancel: a queued job never runs; a running one stops at its next step."""
+    doc = record.document
+    if doc.status.is_final:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {doc.id} already {doc.status}")
+    store.request_cancel(doc.id)
+    if store.transition(doc.id, [JobStatus.QUEUED], JobStatus.CANCELLED, finished_at=now()):
+        store.redis.expire(job_key(doc.id), settings.result_ttl_s)
+        queue.model_queue(store.redis, doc.model).remove(doc.id)
+    updated = store.get(doc.id)
+    return updated.document if updated else doc
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def job_events(record: OwnedJobDep, store: StoreDep) -> StreamingResponse:
+    """Server-sent events: ``status`` (the job document) and ``progress``, until the job ends."""
+    return StreamingResponse(
+        _event_stream(record.document.id, store),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _sse(event: str, data: str) -> str:
+    return f"event: {event}\ndata: {data}\n\n"
+
+
+def _event_stream(job_id: str, store: JobStore) -> Iterator[str]:
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(events_channel(job_id))
+    try:
+        last = None
+        while True:
+            record = store.get(job_id)
+            if record is None:
+                return
+            doc = _with_position(record, store)
+            if (doc.status, doc.queue_position) != last:
+                last = (doc.status, doc.queue_position)
+                yield _sse("status", doc.model_dump_json())
+            if doc.status.is_final:
+                return
+            message = pubsub.get_message(timeout=SSE_KEEPALIVE_S)
+            if message is None:
+                yield ": keep-alive\n\n"
+            while message is not None:
+                data = json.loads(message["data"])
+                if data.pop("event") == "progress":
+                    yield _sse("progress", json.dumps(data))
+                message = pubsub.get_message(timeout=0)
+    finally:
+        pubsub.close()

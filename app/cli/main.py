@@ -1,0 +1,201 @@
+"""The ``lens`` command: run the service (serve, api, worker, demo) and use it (jobs commands)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.core.config import CONFIG_ENV, Settings, get_settings, parse_model_arg
+
+app = typer.Typer(
+    name="lens",
+    help="lens-server: interpretability analyses of transformer LMs as a shared service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[
+    list[str] | None,
+    typer.Option("--model", "-m", help="NAME=PATH_OR_HUB_ID, repeatable."),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML file (models, limits, keys…).")
+]
+RedisOpt = Annotated[
+    str | None, typer.Option("--redis-url", envvar="REDIS_URL", help="Use this Redis.")
+]
+DataOpt = Annotated[Path | None, typer.Option("--data-dir", help="Results, data sets, Redis files.")]
+HostOpt = Annotated[str | None, typer.Option("--host", help="Interface to listen on.")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="Port to listen on.")]
+KeysOpt = Annotated[
+    Path | None, typer.Option("--api-keys", help="File with one API key per line.")
+]
+
+
+def load_settings(
+    *,
+    config: Path | None = None,
+    models: list[str] | None = None,
+    redis_url: str | None = None,
+    data_dir: Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    api_keys: Path | None = None,
+) -> Settings:
+    """Settings from flags over environment over the config file."""
+    if config is not None:
+        os.environ[CONFIG_ENV] = str(config.resolve())
+    get_settings.cache_clear()
+    settings = get_settings()
+    update: dict[str, object] = {}
+    if models:
+        update["models"] = {**settings.models, **dict(parse_model_arg(m) for m in models)}
+    if redis_url:
+        update["redis_url"] = redis_url
+    if data_dir:
+        update["data_dir"] = data_dir
+    if host:
+        update["host"] = host
+    if port:
+        update["port"] = port
+    if api_keys:
+        keys = [k.strip() for k in api_keys.read_text().splitlines() if k.strip()]
+        update["api_keys"] = keys
+    return Settings.model_validate({**settings.model_dump(), **update}) if update else settings
+
+
+def _check_exposure(settings: Settings, allow_unauthenticated: bool) -> None:
+    """Without keys, refuse to listen beyond localhost unless the operator insists."""
+    if settings.key_values() or allow_unauthenticated:
+        return
+    host = settings.host
+    loopback = host == "localhost" or (
+        _is_ip(host) and ipaddress.ip_address(host).is_loopback
+    )
+    if not loopback:
+        raise typer.BadParameter(
+            f"no API keys are configured, so the server listens on localhost only; to listen "
+            f"on {host}, configure keys (LENS_API_KEYS or --api-keys) or pass "
+            "--allow-unauthenticated",
+            param_hint="--host",
+        )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    data_dir: DataOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    api_keys: KeysOpt = None,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes.")] = 1,
+    allow_unauthenticated: Annotated[
+        bool, typer.Option(help="Listen beyond localhost without API keys.")
+    ] = False,
+) -> None:
+    """All-in-one: a Redis of its own (unless --redis-url), the API and N workers. Ctrl-C stops all."""
+    from app.stack import Stack
+
+    settings = load_settings(
+        config=config, models=model, redis_url=redis_url, data_dir=data_dir, host=host, port=port,
+        api_keys=api_keys,
+    )  # fmt: skip
+    _check_exposure(settings, allow_unauthenticated)
+    if not settings.models:
+        raise typer.BadParameter("serve at least one model", param_hint="--model")
+    stack = Stack(settings)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        stack.start(workers=workers, own_redis=redis_url is None)
+        typer.echo(f"starting: redis {stack.settings.redis_url}, {workers} worker(s)…")
+        stack.wait_ready(timeout=600)
+        typer.echo(f"lens-server ready at {stack.url} (API docs at {stack.url}/docs); Ctrl-C stops")
+        signal.pause()
+    except KeyboardInterrupt:
+        typer.echo("stopping: API, then workers (finishing their jobs), then Redis…")
+    finally:
+        stack.stop()
+
+
+@app.command()
+def api(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    data_dir: DataOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    api_keys: KeysOpt = None,
+    allow_unauthenticated: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """The HTTP API alone (for compose and multi-host deployments)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = load_settings(
+        config=config, models=model, redis_url=redis_url, data_dir=data_dir, host=host, port=port,
+        api_keys=api_keys,
+    )  # fmt: skip
+    _check_exposure(settings, allow_unauthenticated)
+    _logging()
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+        timeout_graceful_shutdown=5,
+    )  # fmt: skip
+
+
+@app.command()
+def worker(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    data_dir: DataOpt = None,
+    serves: Annotated[
+        list[str] | None, typer.Option("--serve", help="Only these model names (default all).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name (default host-pid).")] = None,
+    burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
+) -> None:
+    """A worker process: loads its models once and runs their jobs (one per GPU or CPU)."""
+    from workers.process import run_worker
+
+    settings = load_settings(config=config, models=model, redis_url=redis_url, data_dir=data_dir)
+    _logging()
+    run_worker(settings, serves, name, burst=burst)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

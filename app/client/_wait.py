@@ -1,0 +1,157 @@
+"""Waiting for a job, without I/O: what the sync and async drivers feed and ask.
+
+A driver opens the job's event stream and feeds each event to :class:`Waiter`;
+when the stream breaks it fetches the job document instead, and after a few
+broken streams it falls back to polling with backoff. The waiter tracks the
+latest document, the deadline and the stream's health, and drives the progress
+display.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from app.client._http import ServerEvent
+from app.client.errors import JobCancelled, JobFailed, WaitTimeout
+
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+STREAM_READ_TIMEOUT_S = 30.0
+"""Longer than the server's keep-alive period, so a silent stream means a broken one."""
+MAX_STREAM_FAILURES = 3
+POLL_FIRST_S = 0.25
+POLL_MAX_S = 2.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of a long job (what ``on_progress`` callbacks receive)."""
+
+    stage: str
+    step: int
+    total: int
+    loss: float | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def job_failure(doc: dict[str, Any]) -> JobFailed | None:
+    """The exception a final, unsuccessful job document calls for (None if it succeeded)."""
+    status = doc["status"]
+    if status not in ("failed", "cancelled"):
+        return None
+    error = doc.get("error") or {}
+    cls = JobCancelled if status == "cancelled" else JobFailed
+    message = error.get("message") or ("cancelled" if status == "cancelled" else "no message")
+    return cls(doc["id"], status, error.get("type"), message)
+
+
+class ProgressReporter:
+    """A tqdm bar per stage of a long job, plus the caller's callback; silent until progress."""
+
+    def __init__(self, job_id: str, *, show: bool, callback: ProgressCallback | None) -> None:
+        self._job_id = job_id
+        self._show = show
+        self._callback = callback
+        self._last: Progress | None = None
+        self._bar: Any = None
+
+    def document(self, doc: dict[str, Any]) -> None:
+        if doc.get("progress"):
+            self.progress(doc["progress"])
+
+    def progress(self, data: dict[str, Any]) -> None:
+        report = Progress(data["stage"], int(data["step"]), int(data["total"]), data.get("loss"))
+        if report == self._last:
+            return
+        previous, self._last = self._last, report
+        if self._callback is not None:
+            self._callback(report)
+        if self._show:
+            self._draw(report, new_stage=previous is None or previous.stage != report.stage)
+
+    def _draw(self, report: Progress, *, new_stage: bool) -> None:
+        from tqdm.auto import tqdm
+
+        if new_stage or self._bar is None:
+            self.close()
+            self._bar = tqdm(
+                total=report.total, desc=f"{self._job_id[:8]} {report.stage}", unit="step", leave=True
+            )
+        self._bar.n = report.step
+        if report.loss is not None:
+            self._bar.set_postfix(loss=f"{report.loss:.4g}", refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class Waiter:
+    """State of one wait: latest document, deadline, stream health, poll backoff."""
+
+    def __init__(self, doc: dict[str, Any], reporter: ProgressReporter, timeout: float | None) -> None:
+        self.doc = doc
+        self._reporter = reporter
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._timeout = timeout
+        self._stream_failures = 0
+        self._poll_s = POLL_FIRST_S
+
+    def __enter__(self) -> Waiter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._reporter.close()
+
+    @property
+    def done(self) -> bool:
+        return self.doc["status"] in FINAL_STATUSES
+
+    @property
+    def streaming(self) -> bool:
+        """Whether to (re)open the event stream rather than poll."""
+        return self._stream_failures < MAX_STREAM_FAILURES
+
+    def on_document(self, doc: dict[str, Any]) -> bool:
+        self.doc = doc
+        self._reporter.document(doc)
+        return self.done
+
+    def on_event(self, event: ServerEvent) -> bool:
+        """Feed one server-sent event; True once the job has ended."""
+        if event.event == "status":
+            return self.on_document(event.json())
+        if event.event == "progress":
+            self._reporter.progress(event.json())
+            self._stream_failures = 0
+        return self.done
+
+    def stream_failed(self) -> None:
+        self._stream_failures += 1
+
+    def read_timeout(self) -> float:
+        remaining = self.remaining()
+        return STREAM_READ_TIMEOUT_S if remaining is None else min(remaining, STREAM_READ_TIMEOUT_S)
+
+    def poll_delay(self) -> float:
+        delay, self._poll_s = self._poll_s, min(self._poll_s * 2, POLL_MAX_S)
+        remaining = self.remaining()
+        return delay if remaining is None else min(delay, remaining)
+
+    def remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def check_deadline(self) -> None:
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            raise WaitTimeout(
+                f"job {self.doc['id']} still {self.doc['status']} after {self._timeout:g} s"
+            )

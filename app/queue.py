@@ -1,0 +1,84 @@
+"""RQ queues (one per served model, JSON serializer) and the workers' presence in Redis.
+
+The API enqueues by dotted path, so it never imports the code that runs jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from app.jobstore import PREFIX
+
+RUN_JOB = "workers.tasks.run_job"
+MODELS_KEY = f"{PREFIX}:models"
+
+
+def queue_name(model: str) -> str:
+    return f"{PREFIX}.{model}"
+
+
+def model_queue(connection: redis.Redis, model: str) -> Queue:
+    return Queue(queue_name(model), connection=connection, serializer=JSONSerializer)
+
+
+def enqueue(connection: redis.Redis, model: str, job_id: str, timeout_s: int) -> None:
+    """Put a job on its model's queue; the RQ job shares our job's id."""
+    model_queue(connection, model).enqueue_call(
+        RUN_JOB,
+        args=(job_id,),
+        job_id=job_id,
+        timeout=timeout_s,
+        result_ttl=0,
+        failure_ttl=24 * 3600,
+    )
+
+
+def queue_position(connection: redis.Redis, model: str, job_id: str) -> int | None:
+    return model_queue(connection, model).get_job_position(job_id)
+
+
+def queue_depth(connection: redis.Redis, model: str) -> int:
+    return model_queue(connection, model).count
+
+
+def running_count(connection: redis.Redis, model: str) -> int:
+    return StartedJobRegistry(queue=model_queue(connection, model)).count
+
+
+def worker_key(worker: str) -> str:
+    return f"{PREFIX}:worker:{worker}"
+
+
+def heartbeat(connection: redis.Redis, worker: str, info: dict[str, Any], ttl_s: float) -> None:
+    """Refresh a worker's presence; it vanishes ``ttl_s`` after the last beat."""
+    connection.set(worker_key(worker), json.dumps(info), px=int(ttl_s * 1000))
+
+
+def remove_worker(connection: redis.Redis, worker: str) -> None:
+    connection.delete(worker_key(worker))
+
+
+def live_workers(connection: redis.Redis) -> dict[str, dict[str, Any]]:
+    """Workers whose heartbeat has not expired, with what they reported."""
+    keys = list(connection.scan_iter(match=worker_key("*"), count=100))
+    if not keys:
+        return {}
+    values = connection.mget(keys)
+    prefix = len(worker_key(""))
+    return {
+        k.decode()[prefix:]: json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None
+    }
+
+
+def publish_model_info(connection: redis.Redis, name: str, info: dict[str, Any]) -> None:
+    connection.hset(MODELS_KEY, name, json.dumps(info))
+
+
+def model_infos(connection: redis.Redis) -> dict[str, dict[str, Any]]:
+    return {k.decode(): json.loads(v) for k, v in connection.hgetall(MODELS_KEY).items()}

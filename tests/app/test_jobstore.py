@@ -1,0 +1,78 @@
+"""Job records against a real Redis: transitions are atomic, events are published."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from app.jobstore import ANONYMOUS, JobStore, events_channel
+from app.schemas import JobError, JobProgress, JobStatus
+
+
+def make(store: JobStore, owner: str = ANONYMOUS):
+    return store.create(kind="score", model="m", owner=owner, params={"texts": ["a"]})
+
+
+def test_create_and_read_back(redis_conn: redis.Redis) -> None:
+    store = JobStore(redis_conn)
+    doc = make(store)
+    assert len(doc.id) == 32 and doc.status is JobStatus.QUEUED
+    record = store.get(doc.id)
+    assert record is not None and record.owner == ANONYMOUS
+    assert record.document.params == {"texts": ["a"]}
+    assert store.get("f" * 32) is None
+
+
+def test_cancel_and_start_cannot_both_win(redis_conn: redis.Redis) -> None:
+    store = JobStore(redis_conn)
+    doc = make(store)
+    assert store.transition(doc.id, [JobStatus.QUEUED], JobStatus.CANCELLED)
+    assert not store.start(doc.id, "w1")
+    record = store.get(doc.id)
+    assert record is not None and record.document.status is JobStatus.CANCELLED
+
+
+def test_finish_sets_fields_expiry_and_publishes(redis_conn: redis.Redis) -> None:
+    store = JobStore(redis_conn)
+    doc = make(store)
+    pubsub = redis_conn.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(events_channel(doc.id))
+    assert store.start(doc.id, "w1")
+    store.set_progress(doc.id, JobProgress(stage="none", step=1, total=2, loss=0.5))
+    err = JobError(type="X", message="boom")
+    assert store.finish(doc.id, JobStatus.FAILED, error=err, ttl_s=100)
+    assert not store.finish(doc.id, JobStatus.SUCCEEDED, ttl_s=100)
+    events = []
+    deadline = time.monotonic() + 5
+    while len(events) < 3 and time.monotonic() < deadline:
+        if (m := pubsub.get_message(timeout=0.5)) is not None:
+            events.append(json.loads(m["data"]))
+    assert [e["event"] for e in events] == ["status", "progress", "status"]
+    assert events[1]["loss"] == 0.5 and events[2]["status"] == "failed"
+    record = store.get(doc.id)
+    assert record is not None and record.document.error == err
+    assert 0 < redis_conn.ttl(f"lens:job:{doc.id}") <= 100
+
+
+def test_orphaned_running_jobs_are_failed(redis_conn: redis.Redis) -> None:
+    store = JobStore(redis_conn)
+    alive, dead = make(store), make(store)
+    store.start(alive.id, "w-alive")
+    store.start(dead.id, "w-dead")
+    assert store.reap_orphans({"w-alive"}, ttl_s=100) == [dead.id]
+    record = store.get(dead.id)
+    assert record is not None and record.document.status is JobStatus.FAILED
+    assert record.document.error is not None and record.document.error.type == "WorkerLost"
+    running = store.get(alive.id)
+    assert running is not None and running.document.status is JobStatus.RUNNING
+
+
+def test_listing_is_per_owner_and_newest_first(redis_conn: redis.Redis) -> None:
+    store = JobStore(redis_conn)
+    first, second = make(store, "alice"), make(store, "alice")
+    make(store, "bob")
+    assert store.list_ids("alice", 10) == [second.id, first.id]
+    redis_conn.delete(f"lens:job:{first.id}")
+    assert store.list_ids("alice", 10) == [second.id]

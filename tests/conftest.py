@@ -1,0 +1,75 @@
+"""Fixtures shared by the suites: a real Redis, the demo model, and the whole service running.
+
+Nothing here is mocked: Redis is a real redis-server child process, the API is
+uvicorn on a free port, and workers are real ``lens worker`` processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from app.core.config import Limits, ModelSpec, Settings
+from app.core.redis_server import RedisServer, free_port, start_redis
+from app.stack import Stack
+
+DEMO = "demo"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"), persist=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_conn(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A connection to an emptied database: each test starts clean."""
+    conn = redis.Redis.from_url(redis_server.url)
+    conn.flushdb()
+    yield conn
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The demo model (a small Llama trained on a copy task), built once and cached."""
+    from workers.lens.demo import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+def service_settings(data_dir: Path, models: dict[str, Path], **overrides: object) -> Settings:
+    return Settings(
+        redis_url="redis://unused",
+        data_dir=data_dir,
+        models={name: ModelSpec(source=str(path)) for name, path in models.items()},
+        port=free_port(),
+        heartbeat_s=0.5,
+        limits=Limits(max_texts=64, max_active_jobs_per_key=100),
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[Stack]:
+    """Redis + API + one worker serving the demo model as ``demo``; shared by a session."""
+    data_dir = tmp_path_factory.mktemp("service")
+    stack = Stack(service_settings(data_dir, {DEMO: demo_model_dir}))
+    try:
+        stack.start(workers=1)
+        stack.wait_ready(timeout=180)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def http(service: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        yield client
