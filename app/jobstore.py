@@ -183,12 +183,16 @@ class JobStore:
         data = progress.model_dump_json()
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(job_key(job_id), "progress", data)
-        pipe.publish(events_channel(job_id), json.dumps({"event": "progress", **progress.model_dump()}))
+        pipe.publish(
+            events_channel(job_id), json.dumps({"event": "progress", **progress.model_dump()})
+        )
         pipe.execute()
 
     def list_ids(self, owner: str, limit: int, offset: int = 0) -> list[str]:
         """The owner's job ids, newest first; expired records are pruned from the index."""
-        ids = [i.decode() for i in self.redis.zrevrange(owner_index(owner), offset, offset + limit - 1)]
+        ids = [
+            i.decode() for i in self.redis.zrevrange(owner_index(owner), offset, offset + limit - 1)
+        ]
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.exists(job_key(job_id))

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 def compatible(client_version: str) -> bool:
     """Clients of the same release series (major, or minor while 0.x) speak this API."""
+
     def series(v: str) -> tuple[str, ...]:
         parts = v.split(".")
         return tuple(parts[:2]) if parts[0] == "0" else tuple(parts[:1])
@@ -36,7 +37,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         conn = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=30, health_check_interval=10
+            settings.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=30,
+            health_check_interval=10,
         )
         app.state.settings = settings
         app.state.redis = conn
@@ -54,7 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
 
     @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def guard(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         client = request.headers.get(CLIENT_HEADER)
         if client and not compatible(client):
             return JSONResponse(
@@ -66,8 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         length = request.headers.get("content-length")
         limit = settings.limits.max_request_bytes
-        if length and length.isdigit() and int(length) > limit and not request.url.path.startswith(
-            "/v1/datasets"
+        if (
+            length
+            and length.isdigit()
+            and int(length) > limit
+            and not request.url.path.startswith("/v1/datasets")
         ):
             return JSONResponse(
                 {"detail": f"request body of {length} bytes exceeds the limit of {limit}"},

@@ -72,7 +72,9 @@ def live_workers(connection: redis.Redis) -> dict[str, dict[str, Any]]:
     values = connection.mget(keys)
     prefix = len(worker_key(""))
     return {
-        k.decode()[prefix:]: json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None
+        k.decode()[prefix:]: json.loads(v)
+        for k, v in zip(keys, values, strict=True)
+        if v is not None
     }
 
 

@@ -103,7 +103,9 @@ class GradientTarget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    target: str | None = Field(None, description="Continuation text whose log-probability is differentiated.")
+    target: str | None = Field(
+        None, description="Continuation text whose log-probability is differentiated."
+    )
     target_ids: list[int] | None = Field(None, description="Or the continuation's token ids.")
     position: int = Field(
         -1, description="Position whose prediction starts the target; -1 is each text's last token."
@@ -165,12 +167,16 @@ class _PromptTargets(_JobBase):
         None, description="Targets, one per prompt, tokenised as the prompt's continuation."
     )
     dataset: str | None = Field(None, description="Id of an uploaded data set (POST /v1/datasets).")
-    max_length: int | None = Field(None, ge=2, description="Truncate prompt + target to this many tokens.")
+    max_length: int | None = Field(
+        None, ge=2, description="Truncate prompt + target to this many tokens."
+    )
 
     @model_validator(mode="after")
     def _check_data(self) -> _PromptTargets:
         pattern = getattr(self, "pattern", None)
-        given = [x for x in (self.texts is not None, self.dataset is not None, pattern is not None) if x]
+        given = [
+            x for x in (self.texts is not None, self.dataset is not None, pattern is not None) if x
+        ]
         if len(given) != 1:
             raise ValueError("give exactly one of texts+targets, dataset or pattern")
         if self.texts is not None:
@@ -210,7 +216,9 @@ class ChgJob(_PromptTargets):
 class AblateJob(_PromptTargets):
     kind: Literal["ablate"] = "ablate"
     head_mask: HeadMask | None = None
-    from_job: str | None = Field(None, description="Id of a succeeded chg job of yours on this model.")
+    from_job: str | None = Field(
+        None, description="Id of a succeeded chg job of yours on this model."
+    )
     keep: KeepRule | None = Field(None, description="With from_job: which heads stay on.")
     threshold: float = Field(0.5, ge=0, le=1, description="Gate threshold for from_job roles.")
 
@@ -315,7 +323,9 @@ class AttributeJob(_JobBase):
     kind: Literal["attribute"] = "attribute"
     document: str = Field(min_length=1, description="The source document.")
     sentences: list[str] = Field(min_length=1, description="Sentences of the document, in order.")
-    summary: str = Field(min_length=1, description="Target text whose log-likelihood is differentiated.")
+    summary: str = Field(
+        min_length=1, description="Target text whose log-likelihood is differentiated."
+    )
     facilitating_mask: HeadMask | None = None
     from_job: str | None = None
     keep: KeepRule | None = None

@@ -78,7 +78,7 @@ class Stack:
             env=child_env(self.settings),
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - setsid + death signal only
+            preexec_fn=_die_with_parent,
         )
 
     def start(

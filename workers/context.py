@@ -43,7 +43,9 @@ class JobContext:
         rows = json.loads(path.read_text())
         return [r["prompt"] for r in rows], [r["target"] for r in rows]
 
-    def job_tensors(self, field: str, job_id: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def job_tensors(
+        self, field: str, job_id: str, names: tuple[str, ...]
+    ) -> dict[str, torch.Tensor]:
         """Tensors of an earlier job's result (the API checked owner, kind and model)."""
         path = BlobStore(self.blob_dir).path(job_id)
         if not path.is_file():

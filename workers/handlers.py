@@ -5,10 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from app.schemas import JobKind, ScoreJob, TraceJob, as_list
+import torch
+
+from app.schemas import (
+    AblateJob,
+    AttributeJob,
+    CchgJob,
+    ChgJob,
+    JobKind,
+    KeepRule,
+    ScoreJob,
+    TraceJob,
+    as_list,
+)
 from workers.context import JobContext
-from workers.lens import scoring, tracing
+from workers.lens import ablation, attribution, cchg, chg, gradients, scoring, tracing
+from workers.lens.data import generate_pattern
 from workers.lens.results import AnalysisResult
+from workers.lens.taxonomy import heads_to_keep
 
 Handler = Callable[[JobContext, Any], AnalysisResult]
 
@@ -24,17 +38,130 @@ def run_score(ctx: JobContext, job: ScoreJob) -> AnalysisResult:
 
 
 def run_trace(ctx: JobContext, job: TraceJob) -> AnalysisResult:
-    return tracing.trace(
+    texts = as_list(job.texts)
+    result = tracing.trace(
         ctx.lm,
-        as_list(job.texts),
+        texts,
         layers=job.layers,
         sites=job.sites,
         positions=job.positions,
         dtype=job.dtype.value,
+    )
+    if job.gradients is not None:
+        grads = gradients.trace_gradients(
+            ctx.lm,
+            texts,
+            layers=job.layers,
+            sites=job.sites,
+            target=job.gradients.target,
+            target_ids=job.gradients.target_ids,
+            position=job.gradients.position,
+        )
+        result.tensors.update(grads)
+    return result
+
+
+def _prompts_targets(ctx: JobContext, job: ChgJob | AblateJob) -> tuple[list[str], list[str]]:
+    if job.dataset is not None:
+        return ctx.dataset("dataset", job.dataset)
+    if isinstance(job, ChgJob) and job.pattern is not None:
+        return generate_pattern(ctx.lm.tokenizer, job.pattern, job.num_samples, job.seed)
+    return list(job.texts or []), list(job.targets or [])
+
+
+def _head_mask(
+    ctx: JobContext,
+    field: str,
+    mask: list[list[float]] | None,
+    from_job: str | None,
+    keep: KeepRule | None,
+    threshold: float,
+) -> torch.Tensor:
+    if mask is not None:
+        return torch.tensor(mask, dtype=torch.float32)
+    if from_job is None or keep is None:
+        raise ValueError(f"{field}: needs a mask or from_job with keep")  # the schema ensures it
+    masks = ctx.job_tensors("from_job", from_job, ("masks.positive", "masks.negative"))
+    return heads_to_keep(masks["masks.positive"], masks["masks.negative"], keep.value, threshold)
+
+
+def run_chg(ctx: JobContext, job: ChgJob) -> AnalysisResult:
+    prompts, targets = _prompts_targets(ctx, job)
+    return chg.fit_chg(
+        ctx.lm,
+        prompts,
+        targets,
+        num_masks=job.num_masks,
+        num_updates=job.num_updates,
+        num_reg_updates=job.num_reg_updates,
+        batch_size=job.batch_size,
+        l1_weight=job.l1_weight,
+        lr=job.lr,
+        lr_end=job.lr_end,
+        gradient_accum_steps=job.gradient_accum_steps,
+        seed=job.seed,
+        threshold=job.threshold,
+        max_length=job.max_length,
+        record_history=job.record_history,
+        progress=ctx.progress,
+    )
+
+
+def run_ablate(ctx: JobContext, job: AblateJob) -> AnalysisResult:
+    prompts, targets = _prompts_targets(ctx, job)
+    mask = _head_mask(ctx, "head_mask", job.head_mask, job.from_job, job.keep, job.threshold)
+    return ablation.ablate(
+        ctx.lm, prompts, targets, mask, max_length=job.max_length, progress=ctx.progress
+    )
+
+
+def run_cchg(ctx: JobContext, job: CchgJob) -> AnalysisResult:
+    if job.retain_dataset is not None and job.forget_dataset is not None:
+        retain = ctx.dataset("retain_dataset", job.retain_dataset)
+        forget = ctx.dataset("forget_dataset", job.forget_dataset)
+    else:
+        retain = (job.retain_texts or [], job.retain_targets or [])
+        forget = (job.forget_texts or [], job.forget_targets or [])
+    eval_pairs = None
+    if job.eval_retain_texts is not None:
+        eval_pairs = cchg.ContrastPairs(
+            retain_prompts=job.eval_retain_texts,
+            retain_targets=job.eval_retain_targets or [],
+            forget_prompts=job.eval_forget_texts or [],
+            forget_targets=job.eval_forget_targets or [],
+        )
+    return cchg.fit_cchg(
+        ctx.lm,
+        *retain,
+        *forget,
+        eval_pairs=eval_pairs,
+        num_masks=job.num_masks,
+        num_updates=job.num_updates,
+        batch_size=job.batch_size,
+        lr=job.lr,
+        lr_end=job.lr_end,
+        l1_weight=job.l1_weight,
+        diff_clip=job.diff_clip,
+        seed=job.seed,
+        max_length=job.max_length,
+        progress=ctx.progress,
+    )
+
+
+def run_attribute(ctx: JobContext, job: AttributeJob) -> AnalysisResult:
+    mask = _head_mask(
+        ctx, "facilitating_mask", job.facilitating_mask, job.from_job, job.keep, job.threshold
+    )
+    return attribution.attribute(
+        ctx.lm, job.document, job.sentences, job.summary, mask, aggregate=job.aggregate
     )
 
 
 HANDLERS: dict[JobKind, Handler] = {
     JobKind.SCORE: run_score,
     JobKind.TRACE: run_trace,
+    JobKind.CHG: run_chg,
+    JobKind.ABLATE: run_ablate,
+    JobKind.CCHG: run_cchg,
+    JobKind.ATTRIBUTE: run_attribute,
 }

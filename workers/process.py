@@ -58,13 +58,19 @@ class _Heartbeat(threading.Thread):
 
 
 def run_worker(
-    settings: Settings, models: list[str] | None = None, name: str | None = None, *, burst: bool = False
+    settings: Settings,
+    models: list[str] | None = None,
+    name: str | None = None,
+    *,
+    burst: bool = False,
 ) -> None:
     """Load ``models`` (default: all served), then work their queues until told to stop."""
     names = models or sorted(settings.models)
     unknown = [m for m in names if m not in settings.models]
     if unknown:
-        raise ValueError(f"models {unknown} are not configured; configured: {sorted(settings.models)}")
+        raise ValueError(
+            f"models {unknown} are not configured; configured: {sorted(settings.models)}"
+        )
     name = name or default_worker_name()
     conn = redis.Redis.from_url(settings.redis_url)
     store = JobStore(conn)

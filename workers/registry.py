@@ -37,24 +37,18 @@ class ModelRegistry:
             self.load_seconds[name] = time.perf_counter() - started
             self.load_counts[name] += 1
             self.loaded[name] = lm
-            log.info("loaded model %s from %s in %.2f s", name, spec.source, self.load_seconds[name])
+            log.info(
+                "loaded model %s from %s in %.2f s", name, spec.source, self.load_seconds[name]
+            )
         return lm
 
 
 def describe(name: str, lm: LoadedModel) -> dict[str, Any]:
     """What GET /v1/models reports about a loaded model (ModelInfo's fields)."""
-    a = lm.adapter
     return {
+        **lm.adapter.describe(),
         "name": name,
         "source": lm.source,
-        "family": a.family,
-        "architecture": type(lm.model).__name__,
-        "layers": a.num_layers,
-        "heads": a.num_heads,
-        "kv_heads": a.num_kv_heads,
-        "head_dim": a.head_dim,
-        "hidden_size": a.hidden_size,
-        "vocab_size": a.vocab_size,
         "max_context": lm.max_context,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),

@@ -91,7 +91,7 @@ def run_job(job_id: str) -> None:
     except Cancelled:
         rt.store.finish(job_id, JobStatus.CANCELLED, ttl_s=rt.result_ttl_s)
         log.info("job %s: cancelled", job_id)
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the job record
+    except BaseException as exc:
         _fail(rt, job_id, exc)
         if not isinstance(exc, Exception):
             raise

@@ -87,7 +87,9 @@ def check_shape(job: Request, info: ModelInfo) -> None:
     if isinstance(job, TraceJob) and job.layers is not None:
         bad = [i for i in job.layers if not 0 <= i < layers]
         if bad:
-            raise invalid("layers", f"{bad} out of range: model {info.name!r} has layers 0..{layers - 1}")
+            raise invalid(
+                "layers", f"{bad} out of range: model {info.name!r} has layers 0..{layers - 1}"
+            )
         if len(set(job.layers)) != len(job.layers):
             raise invalid("layers", "must not repeat a layer")
     mask_field = {"head_mask": "head_mask", "facilitating_mask": "facilitating_mask"}

@@ -30,12 +30,12 @@ ConfigOpt = Annotated[
 RedisOpt = Annotated[
     str | None, typer.Option("--redis-url", envvar="REDIS_URL", help="Use this Redis.")
 ]
-DataOpt = Annotated[Path | None, typer.Option("--data-dir", help="Results, data sets, Redis files.")]
+DataOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Results, data sets, Redis files.")
+]
 HostOpt = Annotated[str | None, typer.Option("--host", help="Interface to listen on.")]
 PortOpt = Annotated[int | None, typer.Option("--port", help="Port to listen on.")]
-KeysOpt = Annotated[
-    Path | None, typer.Option("--api-keys", help="File with one API key per line.")
-]
+KeysOpt = Annotated[Path | None, typer.Option("--api-keys", help="File with one API key per line.")]
 
 
 def load_settings(
@@ -75,9 +75,7 @@ def _check_exposure(settings: Settings, allow_unauthenticated: bool) -> None:
     if settings.key_values() or allow_unauthenticated:
         return
     host = settings.host
-    loopback = host == "localhost" or (
-        _is_ip(host) and ipaddress.ip_address(host).is_loopback
-    )
+    loopback = host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback)
     if not loopback:
         raise typer.BadParameter(
             f"no API keys are configured, so the server listens on localhost only; to listen "

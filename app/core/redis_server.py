@@ -89,7 +89,9 @@ def start_redis(data_dir: Path, port: int | None = None, *, persist: bool = True
         except redis.ConnectionError:
             if time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError(f"redis-server did not answer within {STARTUP_TIMEOUT_S} s") from None
+                raise RuntimeError(
+                    f"redis-server did not answer within {STARTUP_TIMEOUT_S} s"
+                ) from None
             time.sleep(0.05)
         finally:
             client.close()

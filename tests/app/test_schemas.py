@@ -17,7 +17,9 @@ def errors_of(body: dict) -> str:
 
 
 def test_discriminated_union_picks_the_kind() -> None:
-    assert isinstance(requests.validate_python({"kind": "score", "model": "m", "texts": "a"}), ScoreJob)
+    assert isinstance(
+        requests.validate_python({"kind": "score", "model": "m", "texts": "a"}), ScoreJob
+    )
     job = requests.validate_python({"kind": "trace", "model": "m", "texts": ["a", "b"]})
     assert isinstance(job, TraceJob) and job.text_list() == ["a", "b"]
 
@@ -65,10 +67,19 @@ def test_invalid_requests_name_the_field(body: dict, needle: str) -> None:
 
 def test_defaults_follow_the_design() -> None:
     chg = ChgJob(model="m", texts=["a"], targets=["b"])
-    assert (chg.num_masks, chg.num_updates, chg.num_reg_updates, chg.batch_size) == (10, 500, 500, 32)
+    assert (chg.num_masks, chg.num_updates, chg.num_reg_updates, chg.batch_size) == (
+        10,
+        500,
+        500,
+        32,
+    )
     assert (chg.l1_weight, chg.lr, chg.threshold, chg.gradient_accum_steps) == (0.1, 1.0, 0.5, 1)
     cchg = CchgJob(
-        model="m", retain_texts=["a"], retain_targets=["b"], forget_texts=["c"], forget_targets=["d"]
+        model="m",
+        retain_texts=["a"],
+        retain_targets=["b"],
+        forget_texts=["c"],
+        forget_targets=["d"],
     )
     assert (cchg.lr, cchg.lr_end, cchg.diff_clip, cchg.batch_size) == (0.1, 0.01, 5.0, 64)
     ablate = AblateJob(model="m", texts=["a"], targets=["b"], head_mask=[[1.0]])

@@ -105,16 +105,18 @@ def test_trace_round_trip(http: httpx.Client, reference) -> None:
     torch.testing.assert_close(
         tensors["block_output.0"][mask], out.hidden_states[1][mask], atol=1e-5, rtol=1e-5
     )
-    torch.testing.assert_close(tensors["final_logits"][mask], out.logits[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        tensors["final_logits"][mask], out.logits[mask], atol=1e-5, rtol=1e-5
+    )
     assert "logits.0" in tensors and "block_output.1" not in tensors
 
 
 def test_two_jobs_load_the_model_once(http: httpx.Client, service: Stack) -> None:
     for _ in range(2):
         assert wait(http, submit(http, kind="score", texts="one")["id"])["status"] == "succeeded"
-    from app import queue
-
     import redis
+
+    from app import queue
 
     conn = redis.Redis.from_url(service.settings.redis_url)
     workers = queue.live_workers(conn)

@@ -57,8 +57,10 @@ async def upload_dataset(
     conn: RedisDep,
     format: Annotated[
         Literal["jsonl", "tsv"] | None,
-        Query(description="jsonl (prompt/target objects) or tsv (prompt and target columns); "
-              "default from Content-Type"),
+        Query(
+            description="jsonl (prompt/target objects) or tsv (prompt and target columns); "
+            "default from Content-Type"
+        ),
     ] = None,
 ) -> DatasetInfo:
     """The body is the raw file: JSON lines with ``prompt`` and ``target``, or TSV."""

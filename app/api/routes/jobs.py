@@ -49,7 +49,9 @@ def submit_job(
     validation.check_source_job(job, owner, store)
     for field, dataset_id in validation.dataset_fields(job).items():
         if dataset_owner(conn, dataset_id) != owner:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"{field}: data set {dataset_id!r} not found")
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"{field}: data set {dataset_id!r} not found"
+            )
     active = sum(
         1
         for job_id in store.list_ids(owner, settings.limits.max_active_jobs_per_key * 4)
@@ -78,7 +80,9 @@ def submit_job(
 def list_jobs(
     owner: OwnerDep,
     store: StoreDep,
-    status_: Annotated[JobStatus | None, Query(alias="status", description="Only this status.")] = None,
+    status_: Annotated[
+        JobStatus | None, Query(alias="status", description="Only this status.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobList:
     """The caller's jobs, newest first."""
@@ -113,7 +117,9 @@ def get_result(record: OwnedJobDep, blobs: BlobsDep) -> FileResponse:
     """The result as one safetensors file, streamed from disk."""
     doc = record.document
     if doc.status is not JobStatus.SUCCEEDED:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {doc.id} is {doc.status}, not succeeded")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {doc.id} is {doc.status}, not succeeded"
+        )
     path = blobs.path(doc.id)
     if not path.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"the result of job {doc.id} has expired")
