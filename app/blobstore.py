@@ -51,7 +51,7 @@ class BlobStore:
 def blob_metadata(
     *, job_id: str, kind: str, model: str, params: dict[str, Any], summary: dict[str, Any]
 ) -> dict[str, str]:
-    """The self-describing metadata stored in every result file (strings only, as safetensors wants)."""
+    """The self-describing metadata of every result file (strings only, as safetensors wants)."""
     return {
         "format": FORMAT,
         "job_id": job_id,

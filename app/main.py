@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="lens-server",
         version=__version__,
-        summary="Interpretability analyses (CHG, tracing, scoring, attribution) on resident models.",
+        summary="Interpretability analyses (CHG, tracing, scoring, attribution), models resident.",
         lifespan=lifespan,
     )
     errors.install(app)

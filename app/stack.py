@@ -112,7 +112,8 @@ class Stack:
     def wait_ready(self, timeout: float = 120.0, models: list[str] | None = None) -> None:
         """Until the API answers and a live worker holds each of ``models`` (default all)."""
         deadline = time.monotonic() + timeout
-        headers = {"Authorization": f"Bearer {k}" for k in self.settings.key_values()[:1]}
+        keys = self.settings.key_values()
+        headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
         while True:
             self._check_children()
             try:

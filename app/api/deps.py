@@ -72,7 +72,7 @@ OwnerDep = Annotated[str, Depends(get_owner)]
 
 
 def get_owned_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobRecord:
-    """The job, if it exists and belongs to the caller; 404 otherwise (never 403: ids stay private)."""
+    """The job if it exists and is the caller's; else 404 (never 403: ids stay private)."""
     record = store.get(job_id)
     if record is None or record.owner != owner:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")

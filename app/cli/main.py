@@ -111,7 +111,7 @@ def serve(
         bool, typer.Option(help="Listen beyond localhost without API keys.")
     ] = False,
 ) -> None:
-    """All-in-one: a Redis of its own (unless --redis-url), the API and N workers. Ctrl-C stops all."""
+    """All-in-one: its own Redis (unless --redis-url), the API and N workers; Ctrl-C stops all."""
     from app.stack import Stack
 
     settings = load_settings(

@@ -9,25 +9,29 @@ the last outcome to :func:`finish`, which decodes it or raises the matching
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from app import __version__
+from app.client._tensors import TensorBackend
 from app.client.errors import (
+    Conflict,
     InvalidRequest,
     LensError,
     NotFound,
     PayloadTooLarge,
     QuotaExceeded,
-    ResultNotReady,
     ServerError,
     ServiceUnavailable,
     Unauthorized,
     VersionMismatch,
 )
 
+DatasetSource = str | os.PathLike[str] | bytes | list[dict[str, str]]
 CLIENT_HEADER = "X-Lens-Client"
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 30.0
@@ -37,7 +41,7 @@ _STATUS_ERRORS: dict[int, type[LensError]] = {
     401: Unauthorized,
     403: Unauthorized,
     404: NotFound,
-    409: ResultNotReady,
+    409: Conflict,
     413: PayloadTooLarge,
     422: InvalidRequest,
     426: VersionMismatch,
@@ -75,6 +79,44 @@ class Call:
         return kwargs
 
 
+@dataclass(frozen=True)
+class ClientConfig:
+    """Settings shared by the sync and async clients; unset ones come from the environment."""
+
+    url: str
+    api_key: str | None
+    timeout: float
+    tensors: TensorBackend
+    progress: bool
+    retry: RetryPolicy
+
+    @classmethod
+    def create(
+        cls,
+        url: str | None,
+        api_key: str | None,
+        timeout: float,
+        tensors: TensorBackend,
+        progress: bool,
+        retry: RetryPolicy | None,
+    ) -> ClientConfig:
+        return cls(
+            url=(url or os.environ.get("LENS_URL") or DEFAULT_URL).rstrip("/"),
+            api_key=api_key if api_key is not None else os.environ.get("LENS_API_KEY") or None,
+            timeout=timeout,
+            tensors=tensors,
+            progress=progress,
+            retry=retry or RetryPolicy(),
+        )
+
+    def httpx_options(self) -> dict[str, Any]:
+        return {
+            "base_url": self.url,
+            "headers": client_headers(self.api_key),
+            "timeout": httpx.Timeout(self.timeout),
+        }
+
+
 def client_headers(api_key: str | None) -> dict[str, str]:
     headers = {CLIENT_HEADER: __version__, "User-Agent": f"lens-client/{__version__}"}
     if api_key:
@@ -107,7 +149,18 @@ def models_call() -> Call:
     return Call("GET", "/v1/models")
 
 
-def dataset_call(content: bytes, fmt: str) -> Call:
+def dataset_call(source: DatasetSource, fmt: str | None = None) -> Call:
+    """Upload a data set: a .jsonl/.tsv path, rows of ``{"prompt", "target"}``, or bytes + fmt."""
+    if isinstance(source, list):
+        content = "".join(json.dumps(row) + "\n" for row in source).encode()
+        fmt = fmt or "jsonl"
+    elif isinstance(source, bytes):
+        content = source
+    else:
+        content = Path(source).read_bytes()
+        fmt = fmt or Path(source).suffix.lstrip(".").lower().replace("ndjson", "jsonl")
+    if fmt not in ("jsonl", "tsv"):
+        raise ValueError(f"data set format must be 'jsonl' or 'tsv', got {fmt!r}")
     content_type = "application/x-ndjson" if fmt == "jsonl" else "text/tab-separated-values"
     return Call(
         "POST",
@@ -140,7 +193,9 @@ class RetryPolicy:
     backoff_s: float = 0.25
     max_delay_s: float = 4.0
 
-    def delay(self, call: Call, attempt: int, outcome: httpx.Response | httpx.TransportError) -> float | None:
+    def delay(
+        self, call: Call, attempt: int, outcome: httpx.Response | httpx.TransportError
+    ) -> float | None:
         """Seconds to wait before try ``attempt + 2``, or None to stop and report ``outcome``."""
         if attempt + 1 >= self.attempts:
             return None

@@ -13,6 +13,8 @@ import importlib.util
 import json
 import os
 import struct
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +49,16 @@ def read_bytes(source: str | os.PathLike[str] | bytes) -> bytes:
         return bytes(source)
     with open(source, "rb") as f:
         return f.read()
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write a file whole or not at all (temp file beside it, then rename)."""
+    target = Path(path)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(temp, target)
+    return target
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

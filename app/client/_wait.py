@@ -80,7 +80,10 @@ class ProgressReporter:
         if new_stage or self._bar is None:
             self.close()
             self._bar = tqdm(
-                total=report.total, desc=f"{self._job_id[:8]} {report.stage}", unit="step", leave=True
+                total=report.total,
+                desc=f"{self._job_id[:8]} {report.stage}",
+                unit="step",
+                leave=True,
             )
         self._bar.n = report.step
         if report.loss is not None:
@@ -96,7 +99,9 @@ class ProgressReporter:
 class Waiter:
     """State of one wait: latest document, deadline, stream health, poll backoff."""
 
-    def __init__(self, doc: dict[str, Any], reporter: ProgressReporter, timeout: float | None) -> None:
+    def __init__(
+        self, doc: dict[str, Any], reporter: ProgressReporter, timeout: float | None
+    ) -> None:
         self.doc = doc
         self._reporter = reporter
         self._deadline = None if timeout is None else time.monotonic() + timeout
@@ -108,7 +113,10 @@ class Waiter:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self._reporter.close()
 

@@ -42,8 +42,8 @@ class NotFound(LensError):
     """Unknown job, model or data set, or one that belongs to another key (404)."""
 
 
-class ResultNotReady(LensError):
-    """The job's result was asked for before the job succeeded (409)."""
+class Conflict(LensError):
+    """The job's state forbids the request (409): a result before success, say."""
 
 
 class QuotaExceeded(LensError):

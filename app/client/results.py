@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from functools import cached_property
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import numpy as np
 
@@ -34,7 +34,7 @@ CHG_STAGES = ("none", "positive", "negative")
 
 
 class Result:
-    """A job's tensors plus its metadata: ``kind``, ``model``, ``job_id``, ``params``, ``job_summary``."""
+    """A job's tensors, with its ``kind``, ``model``, ``job_id``, ``params`` and ``job_summary``."""
 
     kind: ClassVar[str | None] = None
 
@@ -82,7 +82,9 @@ class Result:
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._arrays:
-            raise KeyError(f"no tensor {name!r} in this {self.kind or 'job'} result; has {self.names}")
+            raise KeyError(
+                f"no tensor {name!r} in this {self.kind or 'job'} result; has {self.names}"
+            )
         if name not in self._converted:
             self._converted[name] = convert(
                 self._arrays[name], self._backend, bf16=name in self._bf16
@@ -96,7 +98,9 @@ class Result:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{n}{list(a.shape)}" for n, a in list(self._arrays.items())[:6])
         more = ", …" if len(self._arrays) > 6 else ""
-        return f"{type(self).__name__}(job_id={self.job_id!r}, model={self.model!r}, {shapes}{more})"
+        return (
+            f"{type(self).__name__}(job_id={self.job_id!r}, model={self.model!r}, {shapes}{more})"
+        )
 
 
 def _records_or_frame(records: list[dict[str, Any]]) -> Any:
@@ -225,7 +229,9 @@ class ChgResult(Result):
             "layers": layers,
             "heads": heads,
             "threshold": self.threshold,
-            "roles": {name: int((self._taxonomy == code).sum()) for name, code in ROLE_CODES.items()},
+            "roles": {
+                name: int((self._taxonomy == code).sum()) for name, code in ROLE_CODES.items()
+            },
             "final_nll": final_nll,
         }
 
@@ -243,8 +249,13 @@ class ChgResult(Result):
             mask, layer, head = np.indices(gates.shape).reshape(3, -1)
             frames.append(
                 pd.DataFrame(
-                    {"stage": stage, "mask": mask, "layer": layer, "head": head,
-                     "gate": gates.reshape(-1)}
+                    {
+                        "stage": stage,
+                        "mask": mask,
+                        "layer": layer,
+                        "head": head,
+                        "gate": gates.reshape(-1),
+                    }
                 )
             )
         return pd.concat(frames, ignore_index=True)
@@ -279,7 +290,7 @@ class TraceResult(Result):
     _EXTRA: ClassVar[frozenset[str]] = frozenset({"final_logits", "input_ids", "attention_mask"})
 
     def _site_names(self) -> dict[str, list[int]]:
-        """Traced sites in file order, each with its traced layers ([] for model sites)."""
+        """Traced sites, each with its traced layers ([] for model sites)."""
         sites: dict[str, list[int]] = {}
         for name in self.names:
             if name in self._EXTRA or name.startswith("grad."):
@@ -292,7 +303,8 @@ class TraceResult(Result):
 
     @property
     def available_sites(self) -> list[str]:
-        return list(self._site_names())
+        """Traced site names, sorted."""
+        return sorted(self._site_names())
 
     def layers(self, site: str) -> list[int]:
         """Layers traced at ``site`` (empty for model sites)."""
@@ -432,7 +444,18 @@ class AblateResult(Result):
 
     @property
     def head_mask(self) -> Any:
+        """The mask applied [layers, heads] (1 on, 0 off)."""
         return self["head_mask"]
+
+    @property
+    def nll(self) -> dict[str, Any]:
+        """Per-example target NLL, ``baseline`` (all heads on) and ``masked``."""
+        return {s: self[f"nll.{s}"] for s in ("baseline", "masked") if f"nll.{s}" in self}
+
+    @property
+    def accuracy(self) -> dict[str, Any]:
+        """Per-example exact-match accuracy of the target, ``baseline`` and ``masked``."""
+        return {s: self[f"accuracy.{s}"] for s in ("baseline", "masked") if f"accuracy.{s}" in self}
 
 
 class AttributeResult(Result):
@@ -451,6 +474,15 @@ RESULT_TYPES: dict[str, type[Result]] = {
     for cls in (ChgResult, CchgResult, TraceResult, ScoreResult, AblateResult, AttributeResult)
     if cls.kind is not None
 }
+
+
+R = TypeVar("R", bound=Result)
+
+
+def expect_kind(result: Result, cls: type[R]) -> R:
+    if not isinstance(result, cls):
+        raise TypeError(f"expected a {cls.kind} result, got {type(result).__name__}")
+    return result
 
 
 def load_result(source: Source, *, tensors: TensorBackend = "auto") -> Result:

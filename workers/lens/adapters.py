@@ -1,43 +1,105 @@
 """Find the parts of a decoder-only causal LM that the analyses hook into.
 
-Detection works from module structure and config so that a new family mostly
-works without code; a model that cannot be adapted fails here, at load, with an
-error naming what was not found.
+Modules are found by name (a short list of the names transformers uses), and what
+each block actually does with them is then observed, not assumed: :func:`adapt`
+runs the model once on a few tokens with hooks on every block and reads the data
+flow from tensor identity. That tells, per block, whether the MLP reads the
+residual stream after the attention write (sequential) or the block input
+(parallel: GPT-J, Phi, Cohere, Falcon, GPT-NeoX with ``use_parallel_residual``),
+and which module receives the post-attention residual. The same pass checks that
+the final norm and LM head reproduce the model's logits, so the logit lens is
+exact. A model that cannot be adapted fails here, at load, with an error naming
+what was not found.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from workers.lens.errors import ModelNotAdaptable
 
-_BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
-_ATTENTION = ("self_attn", "attn", "attention", "self_attention")
-_O_PROJ = ("o_proj", "dense", "c_proj", "out_proj")
-_MLP = ("mlp", "feed_forward", "block_sparse_moe")
-_FINAL_NORM = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm")
+_BLOCK_LISTS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "transformer.blocks",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+)
+_ATTENTION = ("self_attn", "attn", "attention", "self_attention", "mixer")
+_O_PROJ = ("o_proj", "dense", "c_proj", "out_proj", "wo")
+_MLP = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe")
+_FINAL_NORM = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+_NUM_HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+_NUM_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
+_NUM_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+# Families whose ``logits_scaling`` multiplies the logits (Granite and MiniCPM divide by it).
+_MULTIPLYING_LOGITS_SCALING = frozenset({"hyperclovax", "hyperclovax_vision_v2"})
+
+
+class BlockKind(StrEnum):
+    """How a block wires its attention and MLP into the residual stream."""
+
+    SEQUENTIAL = "sequential"
+    """The MLP reads the residual stream after the attention write."""
+    PARALLEL = "parallel"
+    """Attention and MLP both read the block input; both writes are added at the end."""
 
 
 @dataclass(frozen=True)
 class BlockParts:
-    """The modules of one transformer block."""
+    """The modules of one transformer block, and how they are wired.
+
+    ``post_attn_source`` is the module whose first input is the residual stream right
+    after the attention write: the MLP's pre-norm in pre-norm blocks, the MLP itself
+    in post-norm blocks (OLMo 2). It is ``None`` for parallel blocks, where that
+    residual never exists as a tensor.
+    """
 
     block: nn.Module
     attention: nn.Module
     o_proj: nn.Module
     mlp: nn.Module
+    kind: BlockKind
+    post_attn_source: nn.Module | None
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What the model does to the LM head's output: ``softcap(logits * multiplier)``."""
+
+    multiplier: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiplier != 1.0:
+            logits = logits * self.multiplier
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 @dataclass(frozen=True)
 class ModelAdapter:
-    """A loaded model's parts and head geometry, found once at load."""
+    """A loaded model's parts and head geometry, found once at load.
+
+    ``num_heads`` counts query heads (the ones gates act on); ``head_dim * num_heads``
+    is the width of the attention output projection's input, which may differ from
+    ``hidden_size`` (Gemma, Qwen3).
+    """
 
     model: PreTrainedModel
     family: str
     blocks: tuple[BlockParts, ...]
+    input_embeddings: nn.Module
     final_norm: nn.Module
     lm_head: nn.Module
     num_heads: int
@@ -46,10 +108,252 @@ class ModelAdapter:
     hidden_size: int
     vocab_size: int
     parallel_blocks: bool
+    logit_transform: LogitTransform = field(default_factory=LogitTransform)
 
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] residual → [..., vocab]: final norm, LM head and logit transform.
+
+        Applied to the last block's output this gives the model's own logits (checked
+        at load), so for earlier blocks it is the logit lens.
+        """
+        return self.logit_transform(self.lm_head(self.final_norm(residual)))
+
+    def describe(self) -> dict[str, Any]:
+        """The model's geometry as JSON-able data (what ``GET /v1/models`` reports)."""
+        return {
+            "family": self.family,
+            "architecture": type(self.model).__name__,
+            "layers": self.num_layers,
+            "heads": self.num_heads,
+            "kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "block_kinds": sorted({b.kind.value for b in self.blocks}),
+        }
+
+
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The hidden-states argument of a module call, positional or keyword."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    value = kwargs.get("hidden_states")
+    if isinstance(value, torch.Tensor):
+        return value
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def first_output(output: Any) -> torch.Tensor:
+    """A module's main output: the tensor itself, or the first element of a tuple."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def adapt(model: PreTrainedModel) -> ModelAdapter:
+    """Locate the parts, observe each block's wiring and check the logit lens, or fail clearly."""
+    cls = type(model).__name__
+    config = model.config.get_text_config()
+    family = str(getattr(config, "model_type", cls))
+    owner, block_list = _find_blocks(model, config, cls)
+    found = []
+    for i, block in enumerate(block_list):
+        where = f"{cls} block {i}"
+        attention = _require(_first_child(block, _ATTENTION), "attention module", where, _ATTENTION)
+        o_proj = _require(
+            _first_child(attention, _O_PROJ), "attention output projection", where, _O_PROJ
+        )
+        mlp = _require(_first_child(block, _MLP), "MLP", where, _MLP)
+        found.append((block, attention, o_proj, mlp))
+    final_norm = _require(_first_child(owner, _FINAL_NORM), "final norm", cls, _FINAL_NORM)
+    lm_head = _require(model.get_output_embeddings(), "LM head", cls, ("get_output_embeddings()",))
+    embeddings = _require(
+        model.get_input_embeddings(), "input embeddings", cls, ("get_input_embeddings()",)
+    )
+    num_heads = _config_int(config, cls, _NUM_HEADS)
+    transform = _logit_transform(config, family)
+
+    probe = _probe(model, found)
+    blocks = tuple(
+        _wire(parts, seen, f"{cls} block {i}")
+        for i, (parts, seen) in enumerate(zip(found, probe.blocks, strict=True))
+    )
+    width = probe.blocks[0].o_proj_width
+    if width % num_heads:
+        raise ModelNotAdaptable(
+            f"{cls}: the attention output projection's input ({width}) does not split into "
+            f"{num_heads} heads"
+        )
+    with torch.inference_mode():
+        lens = transform(lm_head(final_norm(probe.last_block_output)))
+    if lens.shape != probe.logits.shape or not torch.allclose(
+        lens.float(),
+        probe.logits.float(),
+        rtol=1e-3,
+        atol=1e-3 * (1 + probe.logits.abs().max().item()),
+    ):
+        raise ModelNotAdaptable(
+            f"{cls}: final norm, LM head and logit transform {transform} do not reproduce the "
+            "model's logits, so the logit lens would be wrong"
+        )
+    return ModelAdapter(
+        model=model,
+        family=family,
+        blocks=blocks,
+        input_embeddings=embeddings,
+        final_norm=final_norm,
+        lm_head=lm_head,
+        num_heads=num_heads,
+        num_kv_heads=_kv_heads(config, num_heads),
+        head_dim=width // num_heads,
+        hidden_size=probe.hidden_size,
+        vocab_size=probe.logits.shape[-1],
+        parallel_blocks=any(b.kind is BlockKind.PARALLEL for b in blocks),
+        logit_transform=transform,
+    )
+
+
+@dataclass
+class _SeenBlock:
+    """What one block did during the probe pass (tensors compared by identity)."""
+
+    block_input: torch.Tensor | None = None
+    attn_input: torch.Tensor | None = None
+    attn_output: torch.Tensor | None = None
+    o_proj_output: torch.Tensor | None = None
+    mlp_input: torch.Tensor | None = None
+    o_proj_width: int = 0
+    children: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor]] = field(
+        default_factory=list
+    )
+
+
+@dataclass(frozen=True)
+class _Probe:
+    blocks: list[_SeenBlock]
+    last_block_output: torch.Tensor
+    logits: torch.Tensor
+    hidden_size: int
+
+
+def _probe(model: PreTrainedModel, found: list[tuple[nn.Module, ...]]) -> _Probe:
+    seen = [_SeenBlock() for _ in found]
+    last: list[torch.Tensor] = []
+    hooks: list[Callable[[], Any]] = []
+    for (block, attention, o_proj, mlp), record in zip(found, seen, strict=True):
+        hooks.append(_pre(block, lambda x, r=record: setattr(r, "block_input", x)))
+        hooks.append(_pre(attention, lambda x, r=record: setattr(r, "attn_input", x)))
+        hooks.append(_pre(mlp, lambda x, r=record: setattr(r, "mlp_input", x)))
+        hooks.append(_pre(o_proj, lambda x, r=record: setattr(r, "o_proj_width", x.shape[-1])))
+        hooks.append(_post(attention, lambda y, r=record: setattr(r, "attn_output", y)))
+        hooks.append(_post(o_proj, lambda y, r=record: setattr(r, "o_proj_output", y)))
+        for child in block.children():
+            if child is not attention and child is not mlp:
+                hooks.append(_watch(child, record))
+    block = found[-1][0]
+    hooks.append(
+        block.register_forward_hook(lambda _m, _a, out: last.append(first_output(out))).remove
+    )
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(1, min(5, vocab), device=model.get_input_embeddings().weight.device)[None]
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            last_output = last[-1]
+    except Exception as exc:
+        raise ModelNotAdaptable(
+            f"{type(model).__name__}: a probe forward pass failed: {exc}"
+        ) from exc
+    finally:
+        for remove in hooks:
+            remove()
+    missing = [i for i, r in enumerate(seen) if r.block_input is None or r.mlp_input is None]
+    if missing or not all(r.o_proj_width for r in seen):
+        raise ModelNotAdaptable(
+            f"{type(model).__name__}: blocks {missing or 'some'} did not call their attention "
+            "output projection or MLP in a forward pass"
+        )
+    return _Probe(seen, last_output, logits, last_output.shape[-1])
+
+
+def _pre(module: nn.Module, record: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = first_tensor(args, kwargs)
+        if x is not None:
+            record(x)
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True).remove
+
+
+def _post(module: nn.Module, record: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
+    return module.register_forward_hook(lambda _m, _a, out: record(first_output(out))).remove
+
+
+def _watch(child: nn.Module, record: _SeenBlock) -> Callable[[], None]:
+    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        y = first_output(out)
+        if isinstance(y, torch.Tensor):
+            record.children.append((m, first_tensor(args, kwargs), y))
+
+    return child.register_forward_hook(hook, with_kwargs=True).remove
+
+
+def _wire(parts: tuple[nn.Module, ...], seen: _SeenBlock, where: str) -> BlockParts:
+    """Classify a block from the probe: where the MLP's input came from."""
+    block, attention, o_proj, mlp = parts
+    x, m = seen.block_input, seen.mlp_input
+    if _adds_residual(seen):
+        raise ModelNotAdaptable(
+            f"{where}: the attention module adds the residual stream to its output itself (as "
+            "BLOOM does), so its output is not the attention write"
+        )
+    kind, source = BlockKind.SEQUENTIAL, mlp
+    if m is x or m is seen.attn_input:
+        kind, source = BlockKind.PARALLEL, None
+    else:
+        producer = next(((c, i) for c, i, y in seen.children if y is m), None)
+        if producer is not None:
+            norm, norm_input = producer
+            if norm_input is x:
+                kind, source = BlockKind.PARALLEL, None
+            elif norm_input is None:
+                raise ModelNotAdaptable(f"{where}: cannot see the input of the MLP's norm {norm}")
+            else:
+                source = norm
+    return BlockParts(block, attention, o_proj, mlp, kind, source)
+
+
+def _adds_residual(seen: _SeenBlock) -> bool:
+    """Whether the attention output is its projection's output plus the block or attention input."""
+    a, o = seen.attn_output, seen.o_proj_output
+    if a is None or o is None or a is o or a.shape != o.shape:
+        return False
+    return any(
+        r is not None and r.shape == a.shape and torch.allclose(a - o, r, atol=1e-4)
+        for r in (seen.block_input, seen.attn_input)
+    )
+
+
+def _find_blocks(model: nn.Module, config: Any, cls: str) -> tuple[nn.Module, nn.ModuleList]:
+    """The block list and the module that owns it (which also holds the final norm)."""
+    for dotted in _BLOCK_LISTS:
+        owner_path, _, name = dotted.rpartition(".")
+        owner = _get(model, owner_path)
+        blocks = getattr(owner, name, None) if owner is not None else None
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return owner, blocks
+    layers = next((getattr(config, n) for n in _NUM_LAYERS if getattr(config, n, None)), None)
+    for owner in model.modules():
+        for child in owner.children():
+            if (
+                isinstance(child, nn.ModuleList)
+                and len(child) == layers
+                and all(_first_child(b, _ATTENTION) is not None for b in child)
+            ):
+                return owner, child
+    raise ModelNotAdaptable(f"{cls}: cannot find the list of blocks (looked for {_BLOCK_LISTS})")
 
 
 def _get(root: nn.Module, dotted: str) -> nn.Module | None:
@@ -71,53 +375,43 @@ def _first_child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
 
 def _require(found: nn.Module | None, what: str, where: str, tried: tuple[str, ...]) -> nn.Module:
     if found is None:
-        raise ModelNotAdaptable(f"cannot find the {what} in {where} (looked for {', '.join(tried)})")
+        raise ModelNotAdaptable(
+            f"cannot find the {what} in {where} (looked for {', '.join(tried)})"
+        )
     return found
 
 
-def adapt(model: PreTrainedModel) -> ModelAdapter:
-    """Locate blocks, attention output projections, MLPs, final norm and LM head."""
-    cls = type(model).__name__
-    block_list = next((b for b in map(lambda p: _get(model, p), _BLOCK_LISTS) if b is not None), None)
-    if not isinstance(block_list, nn.ModuleList):
-        raise ModelNotAdaptable(f"{cls}: cannot find the list of blocks (looked for {_BLOCK_LISTS})")
-    blocks = []
-    for i, block in enumerate(block_list):
-        where = f"{cls} block {i}"
-        attention = _require(_first_child(block, _ATTENTION), "attention module", where, _ATTENTION)
-        o_proj = _require(_first_child(attention, _O_PROJ), "attention output projection", where, _O_PROJ)
-        mlp = _require(_first_child(block, _MLP), "MLP", where, _MLP)
-        blocks.append(BlockParts(block=block, attention=attention, o_proj=o_proj, mlp=mlp))
-    final_norm = _require(
-        next((n for n in map(lambda p: _get(model, p), _FINAL_NORM) if n is not None), None),
-        "final norm",
-        cls,
-        _FINAL_NORM,
-    )
-    lm_head = _require(model.get_output_embeddings(), "LM head", cls, ("get_output_embeddings()",))
-    config = model.config.get_text_config()
-    num_heads = int(_config_value(config, cls, "num_attention_heads", "n_head"))
-    hidden = int(_config_value(config, cls, "hidden_size", "n_embd"))
-    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    return ModelAdapter(
-        model=model,
-        family=getattr(config, "model_type", cls),
-        blocks=tuple(blocks),
-        final_norm=final_norm,
-        lm_head=lm_head,
-        num_heads=num_heads,
-        num_kv_heads=int(kv_heads),
-        head_dim=int(head_dim),
-        hidden_size=hidden,
-        vocab_size=int(_config_value(config, cls, "vocab_size")),
-        parallel_blocks=bool(getattr(config, "use_parallel_residual", False)),
-    )
-
-
-def _config_value(config: object, cls: str, *names: str) -> int:
+def _config_int(config: Any, cls: str, names: tuple[str, ...]) -> int:
     for name in names:
         value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    raise ModelNotAdaptable(f"{cls}: config has none of {names}")
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ModelNotAdaptable(f"{cls}: config has none of {', '.join(names)}")
+
+
+def _kv_heads(config: Any, num_heads: int) -> int:
+    if getattr(config, "multi_query", False) and not getattr(
+        config, "new_decoder_architecture", False
+    ):
+        return 1
+    for name in _NUM_KV_HEADS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return num_heads
+
+
+def _logit_transform(config: Any, family: str) -> LogitTransform:
+    """The scalar scaling and soft-capping a family applies after its LM head (checked at load)."""
+    multiplier = 1.0
+    for name in ("logit_scale", "lm_head_multiplier", "output_multiplier"):
+        value = getattr(config, name, None)
+        if isinstance(value, int | float):
+            multiplier *= float(value)
+    scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, int | float):
+        multiplier = (
+            multiplier * scaling if family in _MULTIPLYING_LOGITS_SCALING else multiplier / scaling
+        )
+    cap = getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(multiplier, float(cap) if cap else None)

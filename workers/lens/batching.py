@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from workers.lens.errors import ContextTooLong
+from workers.lens.errors import ContextTooLong, InvalidParameter
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,14 @@ class TextBatch:
     attention_mask: torch.Tensor
 
     @property
+    def lengths(self) -> torch.Tensor:
+        """[batch] number of real tokens per row."""
+        return self.attention_mask.sum(dim=1)
+
+    @property
     def last_positions(self) -> torch.Tensor:
         """[batch] index of each row's last real token."""
-        return self.attention_mask.sum(dim=1) - 1
+        return self.lengths - 1
 
 
 def encode_texts(
@@ -31,13 +36,24 @@ def encode_texts(
     field: str = "texts",
 ) -> TextBatch:
     """Tokenise ``texts`` into one right-padded batch; too long a text is an error naming it."""
-    enc = tokenizer(texts, padding=True, return_tensors="pt", padding_side="right")
+    if isinstance(texts, str) or not texts:
+        raise InvalidParameter(field, "must be a non-empty list of texts")
+    enc = tokenizer(list(texts), padding=True, return_tensors="pt", padding_side="right")
     mask = enc["attention_mask"]
+    lengths = mask.sum(dim=1).tolist()
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise InvalidParameter(field, f"texts {empty} produce no tokens")
     if max_context is not None:
-        lengths = mask.sum(dim=1)
-        too_long = [i for i, n in enumerate(lengths.tolist()) if n > max_context]
+        too_long = [i for i, n in enumerate(lengths) if n > max_context]
         if too_long:
             raise ContextTooLong(
                 field, f"texts {too_long} exceed the model's context of {max_context} tokens"
             )
     return TextBatch(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device))
+
+
+def token_strings(tokenizer: PreTrainedTokenizerBase, batch: TextBatch) -> list[list[str]]:
+    """Each row's real tokens, each decoded on its own (so a client can label positions)."""
+    rows = zip(batch.input_ids.tolist(), batch.lengths.tolist(), strict=True)
+    return [[tokenizer.decode([t]) for t in ids[:n]] for ids, n in rows]
