@@ -69,7 +69,7 @@ def run_job(job_id: str) -> None:
             dataset_dir=rt.dataset_dir,
         )
         result = HANDLERS[JobKind(doc.kind)](ctx, job)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in result.tensors.items()}
+        tensors = _storable(result.tensors)
         temp = rt.blobs.temp_path(job_id)
         meta = blob_metadata(
             job_id=job_id, kind=doc.kind, model=doc.model, params=doc.params, summary=result.summary
@@ -97,6 +97,21 @@ def run_job(job_id: str) -> None:
             raise
     finally:
         _free_memory()
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two sharing memory (safetensors refuses aliases, e.g. a
+    score that is literally a gate tensor)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        t = tensor.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[name] = t
+    return out
 
 
 def _fail(rt: Runtime, job_id: str, exc: BaseException) -> None:

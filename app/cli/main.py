@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from app.cli import jobs
 from app.core.config import CONFIG_ENV, Settings, get_settings, parse_model_arg
 
 app = typer.Typer(
@@ -189,6 +190,24 @@ def worker(
     settings = load_settings(config=config, models=model, redis_url=redis_url, data_dir=data_dir)
     _logging()
     run_worker(settings, serves, name, burst=burst)
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="Where the demo keeps results and logs.")
+    ] = Path("data/demo"),
+    updates: Annotated[int, typer.Option(min=1, help="Updates per CHG stage.")] = 150,
+) -> None:
+    """Build the demo model, start the service on it, and run score, trace, chg and ablate jobs."""
+    from rich.console import Console
+
+    from app.cli.demo import run_demo
+
+    run_demo(data_dir, num_updates=updates, console=Console())
+
+
+jobs.register(app)
 
 
 def main() -> None:

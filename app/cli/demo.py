@@ -1,0 +1,171 @@
+"""``lens demo``: the whole service on the demo model, showing what each analysis gives back.
+
+It builds (once) a small Llama trained to copy word sequences, starts Redis, a
+worker and the API, then runs score, trace, chg and ablate jobs through the
+Python client, as a user would, and prints their results.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from app.client import LensClient, Model
+from app.core.config import ModelSpec, Settings
+from app.core.redis_server import free_port
+from app.stack import Stack
+
+MODEL = "demo"
+ROLE_STYLE = {
+    "facilitating": "bold green",
+    "interfering": "bold red",
+    "irrelevant": "dim",
+    "inconsistent": "yellow",
+}
+
+
+def run_demo(data_dir: Path, *, num_updates: int, console: Console) -> None:
+    from workers.lens.demo import DEMO_TEXTS, copy_task_examples, ensure_demo_model
+
+    with console.status("building the demo model (once; cached afterwards)…"):
+        started = time.perf_counter()
+        model_dir = ensure_demo_model()
+    console.print(f"demo model: {model_dir} ({time.perf_counter() - started:.1f} s)")
+    settings = Settings(
+        data_dir=data_dir,
+        models={MODEL: ModelSpec(source=str(model_dir))},
+        port=free_port(),
+    )
+    stack = Stack(settings)
+    try:
+        with console.status("starting Redis, a worker and the API…"):
+            started = time.perf_counter()
+            stack.start(workers=1)
+            stack.wait_ready(timeout=300)
+        console.print(f"lens-server up at {stack.url} in {time.perf_counter() - started:.1f} s")
+        with LensClient(stack.url) as client:
+            lens = client.model(MODEL)
+            info = lens.info()
+            console.print(
+                f"model [bold]{MODEL}[/]: {info['architecture']}, {info['layers']} layers × "
+                f"{info['heads']} heads, vocabulary {info['vocab_size']}, on {info['device']}"
+            )
+            _score(console, lens, list(DEMO_TEXTS))
+            _trace(console, lens, DEMO_TEXTS[2])
+            prompts, targets = copy_task_examples(48, seed=7)
+            chg_job = _chg(console, lens, prompts, targets, num_updates)
+            _ablate(console, lens, prompts, targets, chg_job)
+    finally:
+        with console.status("stopping…"):
+            stack.stop()
+    console.print(f"results and logs are under {data_dir}")
+
+
+def _timed(console: Console, what: str, call: Callable[[], Any]) -> Any:
+    started = time.perf_counter()
+    result = call()
+    console.print(f"[dim]{what}: {time.perf_counter() - started:.2f} s round trip[/]")
+    return result
+
+
+def _score(console: Console, lens: Model, texts: list[str]) -> None:
+    console.rule("score: the model's next token after each text")
+    scores = _timed(console, "score job", lambda: lens.score(texts=texts, progress=False))
+    probs = np.asarray(scores.final_token_probs())
+    vocab = {i: t for t, i in _vocab(lens).items()}
+    table = Table("text", "top next tokens (probability)")
+    for text, row in zip(texts, probs, strict=True):
+        top = np.argsort(row)[::-1][:3]
+        table.add_row(text, ", ".join(f"{vocab.get(int(i), i)} {row[i]:.2f}" for i in top))
+    console.print(table)
+
+
+def _trace(console: Console, lens: Model, text: str) -> None:
+    console.rule("trace: the logit lens, layer by layer, at the last token")
+    trace = _timed(
+        console,
+        "trace job",
+        lambda: lens.trace(texts=text, sites=["logits", "attn_o_proj_pre"], progress=False),
+    )
+    vocab = {i: t for t, i in _vocab(lens).items()}
+    table = Table("layer", "top token", "probability", "attn_o_proj_pre shape")
+    for layer in trace.layers("logits"):
+        probs = np.asarray(trace.layer_probs(layer))[0, -1]
+        best = int(probs.argmax())
+        shape = tuple(np.asarray(trace.get("attn_o_proj_pre", layer)).shape)
+        table.add_row(str(layer), vocab.get(best, str(best)), f"{probs[best]:.2f}", str(shape))
+    console.print(f"text: {text!r}")
+    console.print(table)
+
+
+def _chg(
+    console: Console, lens: Model, prompts: list[str], targets: list[str], num_updates: int
+) -> Any:
+    console.rule("chg: Causal Head Gating on the copy task")
+    console.print(f"{len(prompts)} prompts such as {prompts[0]!r} → {targets[0]!r}")
+    job = lens.submit(
+        "chg",
+        texts=prompts,
+        targets=targets,
+        num_masks=4,
+        num_updates=num_updates,
+        num_reg_updates=num_updates,
+        batch_size=16,
+        seed=0,
+    )
+    fit = _timed(console, "chg job", lambda: job.result(progress=True))
+    roles = np.asarray(fit.taxonomy)
+    names = {0: "irrelevant", 1: "facilitating", 2: "interfering", 3: "inconsistent"}
+    g_plus = np.asarray(fit.masks["positive"]).mean(0)
+    g_minus = np.asarray(fit.masks["negative"]).mean(0)
+    table = Table("layer", *[f"head {h}" for h in range(roles.shape[1])], title="consensus roles")
+    for layer in range(roles.shape[0]):
+        cells = []
+        for head in range(roles.shape[1]):
+            role = names[int(roles[layer, head])]
+            cells.append(
+                f"[{ROLE_STYLE[role]}]{role}[/]\nG+ {g_plus[layer, head]:.2f} "
+                f"G− {g_minus[layer, head]:.2f}"
+            )
+        table.add_row(str(layer), *cells)
+    console.print(table)
+    console.print(f"final NLL per stage: {fit.summary().get('final_nll')}")
+    return job
+
+
+def _ablate(
+    console: Console, lens: Model, prompts: list[str], targets: list[str], job: Any
+) -> None:
+    console.rule("ablate: checking the CHG claim causally")
+    table = Table("heads on", "NLL", "accuracy", "NLL all heads", "accuracy all heads")
+    for keep in ("sufficient", "remove_facilitating"):
+        res = _timed(
+            console,
+            f"ablate job ({keep})",
+            lambda keep=keep: lens.ablate(
+                texts=prompts, targets=targets, from_job=job.id, keep=keep, progress=False
+            ),
+        )
+        s = res.job_summary
+        table.add_row(
+            keep,
+            f"{s['masked_nll']:.3f}",
+            f"{s['masked_accuracy']:.2f}",
+            f"{s['baseline_nll']:.3f}",
+            f"{s['baseline_accuracy']:.2f}",
+        )
+    console.print(table)
+
+
+def _vocab(lens: Model) -> dict[str, int]:
+    """The demo tokenizer's vocabulary (word-level), read from the model directory."""
+    import json
+
+    source = Path(lens.info()["source"])
+    return json.loads((source / "tokenizer.json").read_text())["model"]["vocab"]
