@@ -1,0 +1,355 @@
+"""The demo model lens-server builds for itself, since no model hub is reachable.
+
+A word-level tokenizer over a few dozen English words and a two-layer Llama,
+trained for a few seconds on CPU to copy a random word sequence after a
+separator: ``red cat blue dog | red cat blue`` → ``dog``. Copying needs
+induction heads (a previous-token head in layer 0, an induction head in layer
+1), so the model has a known circuit for the analyses to find.
+
+Targets are continuations of their prompt and carry a leading space
+(``" dog"``): the core tokenises ``prompt + target`` jointly, and since the
+tokenizer splits on spaces, ``prompt + " dog"`` adds exactly one token where
+``prompt + "dog"`` would glue two words into one unknown token.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from workers.lens.errors import InvalidParameter
+from workers.lens.results import Progress, ProgressCallback, no_progress
+
+logger = logging.getLogger(__name__)
+
+VERSION = "1"
+"""Bump when the vocabulary, architecture or training changes: it names the cache directory."""
+
+CACHE_ENV = "LENS_DEMO_CACHE"
+"""Environment variable naming the directory that holds cached demo models."""
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SEPARATOR = "|"
+NEWLINE = "\n"
+PERIOD = "."
+
+WORDS: tuple[str, ...] = (
+    # colours
+    "red", "blue", "green", "yellow", "black", "white", "pink", "brown", "gray", "orange",
+    "purple", "gold",
+    # animals
+    "cat", "dog", "fox", "owl", "bat", "cow", "pig", "hen", "ant", "bee", "bear", "deer",
+    "duck", "frog", "goat", "lion", "mouse", "seal", "swan", "wolf", "horse", "sheep",
+    # fruit
+    "apple", "pear", "plum", "fig", "lime", "lemon", "grape", "peach", "mango", "kiwi",
+    "melon", "cherry",
+    # things
+    "cup", "hat", "box", "key", "pen", "map", "bell", "book", "boat", "car", "drum", "lamp",
+    "ring", "sock", "chair", "door",
+    # nature
+    "sun", "moon", "star", "tree", "leaf", "rock", "sand", "rain", "snow", "fire", "river",
+    "hill",
+    # numbers
+    "one", "two", "three", "four", "five", "six",
+)  # fmt: skip
+"""The words of the vocabulary; each one is a single token."""
+
+MIN_COPY_LENGTH = 3
+MAX_COPY_LENGTH = 12
+"""Lengths of the word sequences the model learned to copy."""
+
+MAX_POSITIONS = 128
+DEFAULT_STEPS = 250
+"""About 13 s of CPU time; held-out copy accuracy above 99 % for seeds 0–2."""
+BATCH_SIZE = 64
+LEARNING_RATE = 5e-3
+TRAIN_THREADS = 1
+"""One thread: the model is so small that more threads only add synchronisation, and on a
+busy shared CPU two threads trained ten times slower than one."""
+EVAL_SEQUENCES = 256
+
+DEMO_TEXTS: tuple[str, ...] = (
+    "red cat blue dog | red cat blue dog",
+    "apple lion green moon fox | apple lion green moon fox",
+    "sun tree cup hat bee five | sun tree cup hat",
+    "one two three four five six | one two three",
+)
+"""Readable texts for score and trace demos; copies, complete or cut short."""
+
+
+@dataclass(frozen=True)
+class _CopyBatch:
+    """``input_ids`` [batch, seq], right-padded; ``scored`` [batch, seq] marks positions
+    whose next token is a copied word (the loss and the accuracy count only those)."""
+
+    input_ids: torch.Tensor
+    scored: torch.Tensor
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The demo's word-level tokenizer: words split on spaces, ``\\n`` a token of its own."""
+    tokens = [PAD, BOS, EOS, UNK, NEWLINE, SEPARATOR, PERIOD, *WORDS]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split(NEWLINE, behavior="isolated"),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    # Decoding joins words with one space but none around a newline, so texts round-trip.
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace(Regex(r"^(?=[^\n])"), " "),
+            decoders.Fuse(),
+            decoders.Replace("\n ", "\n"),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=MAX_POSITIONS,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _copy_words(rng: random.Random, length: int) -> list[str]:
+    """``length`` distinct words, so every copied word has one unambiguous successor."""
+    return rng.sample(WORDS, length)
+
+
+def copy_task_examples(n: int, *, seed: int, length: int = 6) -> tuple[list[str], list[str]]:
+    """``n`` copy prompts cut in the middle of the copy, and each one's next word.
+
+    A prompt is ``w1 … wL | w1 … wk`` with 1 ≤ k < L; its target is ``" w(k+1)"``,
+    with the leading space that makes it a continuation (see the module docstring).
+    """
+    if n < 1:
+        raise InvalidParameter("n", f"must be at least 1, got {n}")
+    if not MIN_COPY_LENGTH <= length <= MAX_COPY_LENGTH:
+        raise InvalidParameter(
+            "length", f"must be in [{MIN_COPY_LENGTH}, {MAX_COPY_LENGTH}], got {length}"
+        )
+    rng = random.Random(f"copy-examples-{seed}")
+    prompts, targets = [], []
+    for _ in range(n):
+        words = _copy_words(rng, length)
+        cut = rng.randint(1, length - 1)
+        prompts.append(" ".join([*words, SEPARATOR, *words[:cut]]))
+        targets.append(" " + words[cut])
+    return prompts, targets
+
+
+def _copy_batch(rng: random.Random, vocab: dict[str, int], size: int) -> _CopyBatch:
+    """A batch of ``<bos> w1 … wn | w1 … wn`` with n drawn from the copy lengths."""
+    rows = []
+    for _ in range(size):
+        words = [vocab[w] for w in _copy_words(rng, rng.randint(MIN_COPY_LENGTH, MAX_COPY_LENGTH))]
+        rows.append([vocab[BOS], *words, vocab[SEPARATOR], *words])
+    seq = max(len(r) for r in rows)
+    input_ids = torch.full((size, seq), vocab[PAD], dtype=torch.long)
+    scored = torch.zeros(size, seq, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        n = (len(row) - 2) // 2
+        input_ids[i, : len(row)] = torch.tensor(row)
+        scored[i, n + 1 : 2 * n + 1] = True
+    return _CopyBatch(input_ids=input_ids, scored=scored)
+
+
+def _copy_loss(model: LlamaForCausalLM, batch: _CopyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL and accuracy [] over the scored positions' next tokens.
+
+    Right padding needs no attention mask: causal attention keeps real tokens from
+    seeing the pads after them, and pad positions are never scored.
+    """
+    logits = model(input_ids=batch.input_ids).logits[:, :-1]
+    scored = batch.scored[:, :-1]
+    predicted, wanted = logits[scored], batch.input_ids[:, 1:][scored]
+    loss = torch.nn.functional.cross_entropy(predicted, wanted)
+    accuracy = (predicted.argmax(dim=-1) == wanted).float().mean()
+    return loss, accuracy
+
+
+@contextmanager
+def _cpu_threads(threads: int) -> Iterator[None]:
+    """Train on a fixed number of threads, then give the caller back its setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(
+    model: LlamaForCausalLM,
+    vocab: dict[str, int],
+    steps: int,
+    seed: int,
+    progress: ProgressCallback,
+) -> float:
+    """AdamW with a one-cycle schedule on fresh copy batches; returns the last loss."""
+    rng = random.Random(f"demo-train-{seed}")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.98), weight_decay=0.01
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.1
+    )
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        loss, _ = _copy_loss(model, _copy_batch(rng, vocab, BATCH_SIZE))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        progress(Progress(stage="demo", step=step + 1, total=steps, loss=loss.item()))
+    model.eval()
+    return loss.item()
+
+
+@torch.no_grad()
+def _held_out_accuracy(model: LlamaForCausalLM, vocab: dict[str, int], seed: int) -> float:
+    """Next-token accuracy on the copied half of sequences never trained on."""
+    batch = _copy_batch(random.Random(f"demo-eval-{seed}"), vocab, EVAL_SEQUENCES)
+    return _copy_loss(model, batch)[1].item()
+
+
+def build_demo_model(
+    path: Path,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Train the demo model and save it, with its tokenizer and ``demo.json``, into ``path``.
+
+    Built in a temporary directory beside ``path`` and renamed into place, so a
+    crash never leaves a half-written model; an existing ``path`` is replaced.
+    Deterministic for a given seed and step count: trained on the CPU, on one thread.
+    """
+    steps = DEFAULT_STEPS if steps is None else steps
+    if steps < 1:
+        raise InvalidParameter("steps", f"must be at least 1, got {steps}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    with torch.random.fork_rng(devices=[]), _cpu_threads(TRAIN_THREADS):
+        torch.manual_seed(seed)
+        model = _build_model(tokenizer)
+        final_loss = _train(model, vocab, steps, seed, progress or no_progress)
+        accuracy = _held_out_accuracy(model, vocab, seed)
+    seconds = time.monotonic() - started
+    logger.info("demo model: %d steps in %.1f s, copy accuracy %.3f", steps, seconds, accuracy)
+    info = {
+        "version": VERSION,
+        "task": "copy",
+        "description": "w1 … wn | w1 … wn: copy distinct random words after the separator",
+        "words": list(WORDS),
+        "separator": SEPARATOR,
+        "min_length": MIN_COPY_LENGTH,
+        "max_length": MAX_COPY_LENGTH,
+        "target_convention": "targets continue their prompt with a leading space, e.g. ' dog'",
+        "seed": seed,
+        "steps": steps,
+        "final_loss": final_loss,
+        "copy_accuracy": accuracy,
+        "build_seconds": round(seconds, 1),
+    }
+    _save_atomically(path, model, tokenizer, info)
+    return path
+
+
+def _save_atomically(
+    path: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, info: dict[str, object]
+) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a service's other users
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            path.rename(old / path.name)
+            staging.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def default_cache_dir() -> Path:
+    """``$LENS_DEMO_CACHE`` if set, else ``~/.cache/lens-server``."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "lens-server"
+
+
+def is_demo_model(path: Path) -> bool:
+    """Whether ``path`` holds a finished demo model (``demo.json`` is written last)."""
+    return (Path(path) / "demo.json").is_file()
+
+
+def ensure_demo_model(
+    cache_dir: Path | None = None, *, progress: ProgressCallback | None = None
+) -> Path:
+    """The cached demo model's directory, ``<cache_dir>/demo-<VERSION>``, built once if missing.
+
+    ``cache_dir`` defaults to :func:`default_cache_dir`. A file lock makes
+    concurrent callers (several workers starting at once) build it only once.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / f"demo-{VERSION}"
+    if is_demo_model(path):
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"demo-{VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_demo_model(path):
+            logger.info("building the demo model into %s", path)
+            build_demo_model(path, progress=progress)
+    return path
