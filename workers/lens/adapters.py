@@ -6,10 +6,12 @@ runs the model once on a few tokens with hooks on every block and reads the data
 flow from tensor identity. That tells, per block, whether the MLP reads the
 residual stream after the attention write (sequential) or the block input
 (parallel: GPT-J, Phi, Cohere, Falcon, GPT-NeoX with ``use_parallel_residual``),
-and which module receives the post-attention residual. The same pass checks that
-the final norm and LM head reproduce the model's logits, so the logit lens is
-exact. A model that cannot be adapted fails here, at load, with an error naming
-what was not found.
+which module receives the post-attention residual, and which module's output is
+each write (a submodule, in families that add the residual inside the attention or
+MLP module). The same pass checks that the final norm and LM head reproduce the
+model's logits, so the logit lens is exact. A model that cannot be adapted fails
+here, at load, with an error naming what was not found. ``docs/sites.md`` lists
+what each site means per block type.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ class BlockParts:
     ``post_attn_source`` is the module whose first input is the residual stream right
     after the attention write: the MLP's pre-norm in pre-norm blocks, the MLP itself
     in post-norm blocks (OLMo 2). It is ``None`` for parallel blocks, where that
-    residual never exists as a tensor.
+    residual never exists as a tensor. ``attn_writer`` and ``mlp_writer`` are the modules
+    whose outputs are the attention and MLP writes before the residual add: the
+    attention module and the MLP, except in families that add the residual inside them
+    (BLOOM: the attention's ``dense`` and the MLP's ``dense_4h_to_h``; MPT's ``down_proj``).
     """
 
     block: nn.Module
@@ -70,6 +75,8 @@ class BlockParts:
     mlp: nn.Module
     kind: BlockKind
     post_attn_source: nn.Module | None
+    attn_writer: nn.Module
+    mlp_writer: nn.Module
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,7 @@ def adapt(model: PreTrainedModel) -> ModelAdapter:
     config = model.config.get_text_config()
     family = str(getattr(config, "model_type", cls))
     owner, block_list = _find_blocks(model, config, cls)
-    found = []
+    found: list[_Parts] = []
     for i, block in enumerate(block_list):
         where = f"{cls} block {i}"
         attention = _require(_first_child(block, _ATTENTION), "attention module", where, _ATTENTION)
@@ -176,18 +183,17 @@ def adapt(model: PreTrainedModel) -> ModelAdapter:
     transform = _logit_transform(config, family)
 
     probe = _probe(model, found)
-    blocks = tuple(
-        _wire(parts, seen, f"{cls} block {i}")
-        for i, (parts, seen) in enumerate(zip(found, probe.blocks, strict=True))
-    )
-    width = probe.blocks[0].o_proj_width
-    if width % num_heads:
+    blocks = tuple(_wire(parts, probe, f"{cls} block {i}") for i, parts in enumerate(found))
+    widths = {probe.calls[o_proj].input.shape[-1] for _, _, o_proj, _ in found}
+    width = widths.pop()
+    if widths or width % num_heads:
         raise ModelNotAdaptable(
-            f"{cls}: the attention output projection's input ({width}) does not split into "
-            f"{num_heads} heads"
+            f"{cls}: the attention output projections' inputs ({sorted({width, *widths})}) do "
+            f"not all split into {num_heads} heads"
         )
+    last_output = probe.calls[found[-1][0]].output
     with torch.inference_mode():
-        lens = transform(lm_head(final_norm(probe.last_block_output)))
+        lens = transform(lm_head(final_norm(last_output)))
     if lens.shape != probe.logits.shape or not torch.allclose(
         lens.float(),
         probe.logits.float(),
@@ -208,142 +214,142 @@ def adapt(model: PreTrainedModel) -> ModelAdapter:
         num_heads=num_heads,
         num_kv_heads=_kv_heads(config, num_heads),
         head_dim=width // num_heads,
-        hidden_size=probe.hidden_size,
+        hidden_size=last_output.shape[-1],
         vocab_size=probe.logits.shape[-1],
         parallel_blocks=any(b.kind is BlockKind.PARALLEL for b in blocks),
         logit_transform=transform,
     )
 
 
-@dataclass
-class _SeenBlock:
-    """What one block did during the probe pass (tensors compared by identity)."""
+_Parts = tuple[nn.Module, nn.Module, nn.Module, nn.Module]
+"""A block's block, attention, attention output projection and MLP modules."""
 
-    block_input: torch.Tensor | None = None
-    attn_input: torch.Tensor | None = None
-    attn_output: torch.Tensor | None = None
-    o_proj_output: torch.Tensor | None = None
-    mlp_input: torch.Tensor | None = None
-    o_proj_width: int = 0
-    children: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor]] = field(
-        default_factory=list
-    )
+
+@dataclass(frozen=True)
+class _Call:
+    """One module call seen by the probe: its tensor arguments (main one first) and output."""
+
+    inputs: tuple[torch.Tensor, ...]
+    output: torch.Tensor
+
+    @property
+    def input(self) -> torch.Tensor:
+        return self.inputs[0]
 
 
 @dataclass(frozen=True)
 class _Probe:
-    blocks: list[_SeenBlock]
-    last_block_output: torch.Tensor
+    calls: dict[nn.Module, _Call]
     logits: torch.Tensor
-    hidden_size: int
 
 
-def _probe(model: PreTrainedModel, found: list[tuple[nn.Module, ...]]) -> _Probe:
-    seen = [_SeenBlock() for _ in found]
-    last: list[torch.Tensor] = []
-    hooks: list[Callable[[], Any]] = []
-    for (block, attention, o_proj, mlp), record in zip(found, seen, strict=True):
-        hooks.append(_pre(block, lambda x, r=record: setattr(r, "block_input", x)))
-        hooks.append(_pre(attention, lambda x, r=record: setattr(r, "attn_input", x)))
-        hooks.append(_pre(mlp, lambda x, r=record: setattr(r, "mlp_input", x)))
-        hooks.append(_pre(o_proj, lambda x, r=record: setattr(r, "o_proj_width", x.shape[-1])))
-        hooks.append(_post(attention, lambda y, r=record: setattr(r, "attn_output", y)))
-        hooks.append(_post(o_proj, lambda y, r=record: setattr(r, "o_proj_output", y)))
-        for child in block.children():
-            if child is not attention and child is not mlp:
-                hooks.append(_watch(child, record))
-    block = found[-1][0]
-    hooks.append(
-        block.register_forward_hook(lambda _m, _a, out: last.append(first_output(out))).remove
-    )
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.arange(1, min(5, vocab), device=model.get_input_embeddings().weight.device)[None]
+def _probe(model: PreTrainedModel, found: list[_Parts]) -> _Probe:
+    """Run a few tokens with every block, its children and its MLP's children watched."""
+    watched = {m for parts in found for m in parts}
+    for block, _attention, _o_proj, mlp in found:
+        watched |= set(block.children()) | set(mlp.children())
+    calls: dict[nn.Module, _Call] = {}
+    handles = [m.register_forward_hook(_recorder(calls), with_kwargs=True) for m in watched]
+    vocab = int(model.config.get_text_config().vocab_size)
+    ids = torch.arange(1, min(5, vocab), device=model.device)[None]
     try:
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            last_output = last[-1]
     except Exception as exc:
         raise ModelNotAdaptable(
             f"{type(model).__name__}: a probe forward pass failed: {exc}"
         ) from exc
     finally:
-        for remove in hooks:
-            remove()
-    missing = [i for i, r in enumerate(seen) if r.block_input is None or r.mlp_input is None]
-    if missing or not all(r.o_proj_width for r in seen):
-        raise ModelNotAdaptable(
-            f"{type(model).__name__}: blocks {missing or 'some'} did not call their attention "
-            "output projection or MLP in a forward pass"
-        )
-    return _Probe(seen, last_output, logits, last_output.shape[-1])
+        for handle in handles:
+            handle.remove()
+    for i, parts in enumerate(found):
+        if not all(m in calls for m in parts):
+            raise ModelNotAdaptable(
+                f"{type(model).__name__} block {i}: a forward pass did not call its attention, "
+                "attention output projection or MLP modules"
+            )
+    return _Probe(calls, logits)
 
 
-def _pre(module: nn.Module, record: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = first_tensor(args, kwargs)
-        if x is not None:
-            record(x)
-
-    return module.register_forward_pre_hook(hook, with_kwargs=True).remove
-
-
-def _post(module: nn.Module, record: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
-    return module.register_forward_hook(lambda _m, _a, out: record(first_output(out))).remove
-
-
-def _watch(child: nn.Module, record: _SeenBlock) -> Callable[[], None]:
+def _recorder(calls: dict[nn.Module, _Call]) -> Callable[..., None]:
     def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         y = first_output(out)
-        if isinstance(y, torch.Tensor):
-            record.children.append((m, first_tensor(args, kwargs), y))
+        main = first_tensor(args, kwargs)
+        rest = [
+            t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t is not main
+        ]
+        if isinstance(y, torch.Tensor) and main is not None:
+            calls[m] = _Call((main, *rest), y)
 
-    return child.register_forward_hook(hook, with_kwargs=True).remove
+    return hook
 
 
-def _wire(parts: tuple[nn.Module, ...], seen: _SeenBlock, where: str) -> BlockParts:
-    """Classify a block from the probe: where the MLP's input came from."""
+def _wire(parts: _Parts, probe: _Probe, where: str) -> BlockParts:
+    """Read a block's wiring from the probe: where the MLP's input came from, who writes what."""
     block, attention, o_proj, mlp = parts
-    x, m = seen.block_input, seen.mlp_input
-    if _adds_residual(seen):
-        raise ModelNotAdaptable(
-            f"{where}: the attention module adds the residual stream to its output itself (as "
-            "BLOOM does), so its output is not the attention write"
-        )
-    kind, source = BlockKind.SEQUENTIAL, mlp
-    if m is x or m is seen.attn_input:
+    calls = probe.calls
+    x, attn_in, m = calls[block].input, calls[attention].input, calls[mlp].input
+    children = [c for c in block.children() if c in calls]
+    producer = next((c for c in children if calls[c].output is m), None)
+    kind, source = BlockKind.SEQUENTIAL, producer
+    if m is x or m is attn_in or (producer is not None and calls[producer].input is x):
         kind, source = BlockKind.PARALLEL, None
-    else:
-        producer = next(((c, i) for c, i, y in seen.children if y is m), None)
-        if producer is not None:
-            norm, norm_input = producer
-            if norm_input is x:
-                kind, source = BlockKind.PARALLEL, None
-            elif norm_input is None:
-                raise ModelNotAdaptable(f"{where}: cannot see the input of the MLP's norm {norm}")
-            else:
-                source = norm
-    return BlockParts(block, attention, o_proj, mlp, kind, source)
+    elif producer is None:
+        # No norm in front of the MLP: its input is the residual itself, if the block
+        # either normalises the MLP's output (post-norm) or adds it to that input.
+        post_norm = any(calls[c].input is calls[mlp].output for c in children)
+        if not post_norm and not _same(calls[block].output, m + calls[mlp].output):
+            raise ModelNotAdaptable(
+                f"{where}: cannot tell where the residual stream after the attention write is "
+                "(the MLP's input comes from no submodule of the block)"
+            )
+        source = mlp
+    attn_writer = _writer(attention, [o_proj], calls, (x, attn_in))
+    mlp_writer = _writer(mlp, list(mlp.children()), calls, ())
+    if mlp_writer is mlp and _same(calls[mlp].output, calls[block].output):
+        raise ModelNotAdaptable(
+            f"{where}: the MLP's output is the block's output (it adds the residual stream "
+            "itself) and none of its submodules gives its write alone"
+        )
+    return BlockParts(block, attention, o_proj, mlp, kind, source, attn_writer, mlp_writer)
 
 
-def _adds_residual(seen: _SeenBlock) -> bool:
-    """Whether the attention output is its projection's output plus the block or attention input."""
-    a, o = seen.attn_output, seen.o_proj_output
-    if a is None or o is None or a is o or a.shape != o.shape:
-        return False
-    return any(
-        r is not None and r.shape == a.shape and torch.allclose(a - o, r, atol=1e-4)
-        for r in (seen.block_input, seen.attn_input)
-    )
+def _writer(
+    module: nn.Module,
+    candidates: list[nn.Module],
+    calls: dict[nn.Module, _Call],
+    residuals: tuple[torch.Tensor | None, ...],
+) -> nn.Module:
+    """The module whose output is ``module``'s write to the residual stream.
+
+    Normally ``module`` itself. Some families add the residual inside the attention or
+    MLP module (BLOOM both, MPT the MLP: ``output = down_proj(...) + residual``); the
+    write is then the candidate submodule whose output plus one of the residuals
+    (``module``'s extra tensor arguments, or those given) is the module's output.
+    """
+    out = calls[module].output
+    others = [r for r in (*calls[module].inputs[1:], *residuals) if r is not None]
+    others = [r for r in others if r.shape == out.shape]
+    for candidate in reversed(candidates):
+        write = calls[candidate].output if candidate in calls else None
+        if write is not None and any(_same(write + r, out) for r in others):
+            return candidate
+    return module
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to rounding (the probe compares values computed by the same kernels)."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _find_blocks(model: nn.Module, config: Any, cls: str) -> tuple[nn.Module, nn.ModuleList]:
     """The block list and the module that owns it (which also holds the final norm)."""
     for dotted in _BLOCK_LISTS:
         owner_path, _, name = dotted.rpartition(".")
-        owner = _get(model, owner_path)
-        blocks = getattr(owner, name, None) if owner is not None else None
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return owner, blocks
+        known = _get(model, owner_path)
+        blocks = getattr(known, name, None)
+        if known is not None and isinstance(blocks, nn.ModuleList) and len(blocks):
+            return known, blocks
     layers = next((getattr(config, n) for n in _NUM_LAYERS if getattr(config, n, None)), None)
     for owner in model.modules():
         for child in owner.children():

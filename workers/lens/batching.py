@@ -56,4 +56,4 @@ def encode_texts(
 def token_strings(tokenizer: PreTrainedTokenizerBase, batch: TextBatch) -> list[list[str]]:
     """Each row's real tokens, each decoded on its own (so a client can label positions)."""
     rows = zip(batch.input_ids.tolist(), batch.lengths.tolist(), strict=True)
-    return [[tokenizer.decode([t]) for t in ids[:n]] for ids, n in rows]
+    return [[str(tokenizer.decode([t])) for t in ids[:n]] for ids, n in rows]

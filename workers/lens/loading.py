@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from workers.lens.adapters import ModelAdapter, adapt
 
@@ -62,7 +67,7 @@ def load_model(
     dtype: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load ``source`` (a local directory or hub id) through ``from_pretrained``, safetensors only."""
+    """Load ``source`` (a local directory or hub id) with ``from_pretrained``, safetensors only."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

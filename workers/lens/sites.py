@@ -58,7 +58,7 @@ SITES: dict[str, Site] = {
             "mlp_input",
             Scope.LAYER,
             "[batch, seq, hidden]",
-            "input of the MLP (after its norm; parallel blocks: the normed block input)",
+            "input of the MLP (after its norm, if any; parallel blocks: the normed block input)",
         ),
         Site("mlp_output", Scope.LAYER, "[batch, seq, hidden]", "MLP output, before the residual add"),
         Site("block_output", Scope.LAYER, "[batch, seq, hidden]", "residual stream leaving the block"),

@@ -1,0 +1,79 @@
+"""Token scoring: the model's next-token logits for every position of every text."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from workers.lens.batching import encode_texts
+from workers.lens.errors import InvalidParameter
+from workers.lens.loading import LoadedModel
+from workers.lens.results import AnalysisResult
+
+
+def score(
+    lm: LoadedModel,
+    texts: list[str],
+    *,
+    temperature: float = 1.0,
+    final_token_only: bool = False,
+    top_k: int | None = None,
+) -> AnalysisResult:
+    """Next-token logits of ``texts`` (right-padded into one batch), divided by ``temperature``.
+
+    Tensors:
+
+    - ``logits`` [batch, seq, vocab] float32 (left out when ``final_token_only`` or ``top_k``);
+    - with ``top_k`` instead: ``top_k_logits`` [batch, seq, k] float32 and ``top_k_ids``
+      [batch, seq, k] int64, the k largest logits per position in decreasing order;
+    - ``final_token_logits`` [batch, vocab] float32: each text's last real token, always
+      over the full vocabulary (a client derives the next-token distribution from it);
+    - ``input_ids`` and ``attention_mask`` [batch, seq] int64.
+
+    The summary gives, per text, its token count and the most likely next token with
+    its probability at this temperature.
+    """
+    if isinstance(temperature, bool) or not (math.isfinite(temperature) and temperature > 0):
+        raise InvalidParameter("temperature", f"must be a finite number > 0, got {temperature!r}")
+    vocab = lm.adapter.vocab_size
+    if top_k is not None and (isinstance(top_k, bool) or not 1 <= top_k <= vocab):
+        raise InvalidParameter("top_k", f"must be an integer in [1, {vocab}], got {top_k!r}")
+    batch = encode_texts(lm.tokenizer, texts, lm.device, lm.max_context)
+    rows = torch.arange(batch.input_ids.shape[0], device=lm.device)
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        raw = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        final = raw[rows, batch.last_positions].float() / temperature
+        if not final_token_only and top_k is None:
+            tensors["logits"] = raw.float() / temperature
+        elif not final_token_only:
+            values, ids = raw.topk(top_k, dim=-1)
+            tensors["top_k_logits"] = values.float() / temperature
+            tensors["top_k_ids"] = ids
+        probs = final.softmax(dim=-1)
+        best_prob, best_id = probs.max(dim=-1)
+    tensors |= {
+        "final_token_logits": final,
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+    }
+    summary = {
+        "temperature": temperature,
+        "final_token_only": final_token_only,
+        "top_k": top_k,
+        "texts": [
+            {
+                "num_tokens": n,
+                "next_token": lm.tokenizer.decode([token]),
+                "next_token_id": token,
+                "next_token_prob": prob,
+            }
+            for n, token, prob in zip(
+                batch.lengths.tolist(), best_id.tolist(), best_prob.tolist(), strict=True
+            )
+        ],
+    }
+    return AnalysisResult(
+        tensors={k: v.detach().cpu().contiguous() for k, v in tensors.items()}, summary=summary
+    )
