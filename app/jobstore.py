@@ -3,12 +3,17 @@
 A record is one hash ``lens:job:<id>``; status changes go through a Lua script
 so that a cancel and a worker's start can never both win. Every change is
 published on ``lens:events:<id>`` for the server-sent event stream.
+
+Beside the records: ``lens:running`` (job → worker and model, for reaping and
+per-model counts), a set of active (queued or running) jobs per owner for the
+quota, and counters and duration histograms of finished jobs for ``/metrics``.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,18 +26,24 @@ from app.schemas import JobDocument, JobError, JobProgress, JobStatus, TensorInf
 PREFIX = "lens"
 ANONYMOUS = "anonymous"
 RUNNING = f"{PREFIX}:running"
+SUBMITTED = f"{PREFIX}:stats:submitted"
+FINISHED = f"{PREFIX}:stats:finished"
+DURATION_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600)
+"""Upper bounds of the job-duration histogram (seconds from start to finish)."""
 _JSON_FIELDS = ("params", "progress", "error", "summary", "tensors")
 
 # KEYS[1] = job hash, KEYS[2] = events channel; ARGV[1] = JSON list of allowed current
-# statuses, ARGV[2] = new status, ARGV[3..] = field/value pairs to set alongside.
+# statuses, ARGV[2] = new status, ARGV[3] = the worker that must hold the job ('' = any),
+# ARGV[4..] = field/value pairs to set alongside.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return 0 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3] then return 0 end
 local allowed = cjson.decode(ARGV[1])
 for _, s in ipairs(allowed) do
   if s == current then
     redis.call('HSET', KEYS[1], 'status', ARGV[2])
-    for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
     redis.call('PUBLISH', KEYS[2], cjson.encode({event = 'status', status = ARGV[2]}))
     return 1
   end
@@ -62,6 +73,14 @@ def owner_index(owner: str) -> str:
     return f"{PREFIX}:jobs:{owner}"
 
 
+def active_set(owner: str) -> str:
+    return f"{PREFIX}:active:{owner}"
+
+
+def duration_key(kind: str) -> str:
+    return f"{PREFIX}:stats:duration:{kind}"
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """A job as stored: its public document plus who owns it."""
@@ -70,14 +89,31 @@ class JobRecord:
     owner: str
     cancel_requested: bool
     worker: str | None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    job_id: str
+    worker: str
+    model: str
 
 
 class JobStore:
-    """Reads and writes job records; one instance per Redis connection."""
+    """Reads and writes job records; one instance per Redis connection.
 
-    def __init__(self, connection: redis.Redis) -> None:
+    A worker's store is made with its ``worker`` name: it then finishes only jobs that
+    worker holds, so a worker presumed dead (and its job re-queued elsewhere) cannot
+    overwrite the new run's outcome. ``stop_locally`` makes ``cancel_requested`` true
+    for a job in this process only, which stops it at its next step without touching
+    the record (used on shutdown, when the record has already been settled).
+    """
+
+    def __init__(self, connection: redis.Redis, worker: str | None = None) -> None:
         self.redis = connection
+        self.worker = worker
         self._transition = connection.register_script(_TRANSITION)
+        self._stopped: set[str] = set()
 
     def create(self, *, kind: str, model: str, owner: str, params: dict[str, Any]) -> JobDocument:
         job_id = new_job_id()
@@ -94,8 +130,18 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=fields)
         pipe.zadd(owner_index(owner), {job_id: created.timestamp()})
+        pipe.sadd(active_set(owner), job_id)
+        pipe.hincrby(SUBMITTED, kind, 1)
         pipe.execute()
         return self._document(fields)
+
+    def discard(self, job_id: str, owner: str) -> None:
+        """Remove a record that never made it onto a queue."""
+        pipe = self.redis.pipeline()
+        pipe.delete(job_key(job_id))
+        pipe.zrem(owner_index(owner), job_id)
+        pipe.srem(active_set(owner), job_id)
+        pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.hgetall(job_key(job_id))
@@ -106,7 +152,8 @@ class JobStore:
             document=self._document(fields),
             owner=fields["owner"],
             cancel_requested=fields.get("cancel") == "1",
-            worker=fields.get("worker"),
+            worker=fields.get("worker") or None,
+            attempts=int(fields.get("attempts", 0)),
         )
 
     def params(self, job_id: str) -> dict[str, Any]:
@@ -114,10 +161,17 @@ class JobStore:
         return json.loads(raw) if raw else {}
 
     def transition(
-        self, job_id: str, allowed: Iterable[JobStatus], new: JobStatus, **fields: Any
+        self,
+        job_id: str,
+        allowed: Iterable[JobStatus],
+        new: JobStatus,
+        *,
+        holder: str | None = None,
+        **fields: Any,
     ) -> bool:
-        """Move to ``new`` only if the current status is one of ``allowed``; True if it moved."""
-        argv: list[str] = [json.dumps([s.value for s in allowed]), new.value]
+        """Move to ``new`` only if the current status is one of ``allowed`` (and, with
+        ``holder``, the job is held by that worker); True if it moved."""
+        argv: list[str] = [json.dumps([s.value for s in allowed]), new.value, holder or ""]
         for name, value in fields.items():
             argv += [name, _encode(name, value)]
         keys = [job_key(job_id), events_channel(job_id)]
@@ -128,25 +182,48 @@ class JobStore:
             job_id, [JobStatus.QUEUED], JobStatus.RUNNING, started_at=now(), worker=worker
         )
         if moved:
-            self.redis.hset(RUNNING, job_id, worker)
+            model = self.redis.hget(job_key(job_id), "model")
+            value = {"worker": worker, "model": model.decode() if model else ""}
+            self.redis.hset(RUNNING, job_id, json.dumps(value))
         return moved
 
-    def reap_orphans(self, alive: set[str], ttl_s: int) -> list[str]:
-        """Fail running jobs whose worker stopped beating; returns their ids."""
-        reaped = []
-        for raw_id, raw_worker in self.redis.hgetall(RUNNING).items():
-            job_id, worker = raw_id.decode(), raw_worker.decode()
-            if worker in alive:
-                continue
-            error = JobError(
-                type="WorkerLost",
-                message=f"worker {worker} stopped (killed, crashed or its host went down) "
-                "while running this job",
-            )
-            if self.finish(job_id, JobStatus.FAILED, error=error, ttl_s=ttl_s):
-                reaped.append(job_id)
-            self.redis.hdel(RUNNING, job_id)
-        return reaped
+    def running(self) -> list[RunningJob]:
+        """Jobs marked running, with the worker holding each."""
+        jobs = []
+        for raw_id, raw in self.redis.hgetall(RUNNING).items():
+            value = json.loads(raw)
+            jobs.append(RunningJob(raw_id.decode(), value["worker"], value["model"]))
+        return jobs
+
+    def running_counts(self) -> Counter[str]:
+        """Running jobs per model."""
+        return Counter(job.model for job in self.running())
+
+    def orphans(self, alive: set[str]) -> list[RunningJob]:
+        """Running jobs whose worker is not among ``alive``."""
+        return [job for job in self.running() if job.worker not in alive]
+
+    def give_up(self, job: RunningJob, error: JobError, *, retry: bool, ttl_s: int) -> str | None:
+        """Settle a running job whose run ended without an outcome (its worker died or was
+        shut down): back to ``queued`` for one more attempt when ``retry`` allows and it
+        has not been retried yet, else ``failed`` with ``error``. Returns ``"requeued"``,
+        ``"failed"``, or None if the job had already moved on. The caller re-enqueues."""
+        record = self.get(job.job_id)
+        outcome: str | None = None
+        if record is None or record.document.status is not JobStatus.RUNNING:
+            pass
+        elif retry and record.attempts == 0:
+            if self.transition(
+                job.job_id, [JobStatus.RUNNING], JobStatus.QUEUED, holder=job.worker, attempts=1
+            ):
+                self.redis.hdel(job_key(job.job_id), "started_at", "worker", "progress")
+                outcome = "requeued"
+        elif self._finish(
+            job.job_id, JobStatus.FAILED, {"error": error.model_dump()}, ttl_s, holder=job.worker
+        ):
+            outcome = "failed"
+        self.redis.hdel(RUNNING, job.job_id)
+        return outcome
 
     def finish(
         self,
@@ -158,26 +235,66 @@ class JobStore:
         tensors: dict[str, TensorInfo] | None = None,
         ttl_s: int,
     ) -> bool:
-        fields: dict[str, Any] = {"finished_at": now()}
+        """End a running job (held by this store's worker, if it has one)."""
+        fields: dict[str, Any] = {}
         if error is not None:
             fields["error"] = error.model_dump()
         if summary is not None:
             fields["summary"] = summary
         if tensors is not None:
             fields["tensors"] = {k: v.model_dump() for k, v in tensors.items()}
-        moved = self.transition(job_id, [JobStatus.QUEUED, JobStatus.RUNNING], status, **fields)
-        if moved:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.expire(job_key(job_id), ttl_s)
-            pipe.hdel(RUNNING, job_id)
-            pipe.execute()
-        return moved
+        return self._finish(job_id, status, fields, ttl_s, holder=self.worker)
+
+    def cancel_queued(self, job_id: str, ttl_s: int) -> bool:
+        """Cancel a job that no worker has started; True if it was still queued."""
+        return self._finish(job_id, JobStatus.CANCELLED, {}, ttl_s, allowed=[JobStatus.QUEUED])
+
+    def _finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        fields: dict[str, Any],
+        ttl_s: int,
+        *,
+        holder: str | None = None,
+        allowed: list[JobStatus] | None = None,
+    ) -> bool:
+        finished = now()
+        moved = self.transition(
+            job_id,
+            allowed or [JobStatus.RUNNING],
+            status,
+            holder=holder,
+            finished_at=finished,
+            **fields,
+        )
+        if not moved:
+            return False
+        kind, owner, started = (
+            v.decode() if v else None
+            for v in self.redis.hmget(job_key(job_id), "kind", "owner", "started_at")
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.expire(job_key(job_id), ttl_s)
+        pipe.hdel(RUNNING, job_id)
+        if owner:
+            pipe.srem(active_set(owner), job_id)
+        pipe.hincrby(FINISHED, f"{kind}:{status.value}", 1)
+        if started and kind:
+            _observe_duration(
+                pipe, kind, (finished - datetime.fromisoformat(started)).total_seconds()
+            )
+        pipe.execute()
+        return True
 
     def request_cancel(self, job_id: str) -> None:
         self.redis.hset(job_key(job_id), "cancel", "1")
 
+    def stop_locally(self, job_id: str) -> None:
+        self._stopped.add(job_id)
+
     def cancel_requested(self, job_id: str) -> bool:
-        return self.redis.hget(job_key(job_id), "cancel") == b"1"
+        return job_id in self._stopped or self.redis.hget(job_key(job_id), "cancel") == b"1"
 
     def set_progress(self, job_id: str, progress: JobProgress) -> None:
         data = progress.model_dump_json()
@@ -188,19 +305,52 @@ class JobStore:
         )
         pipe.execute()
 
+    def active_count(self, owner: str) -> int:
+        """The owner's queued and running jobs (the quota); prunes ended ones from the set."""
+        ids = [i.decode() for i in self.redis.smembers(active_set(owner))]
+        if not ids:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(job_key(job_id), "status")
+        statuses = pipe.execute()
+        ended = [
+            i
+            for i, s in zip(ids, statuses, strict=True)
+            if s is None or JobStatus(s.decode()).is_final
+        ]
+        if ended:
+            self.redis.srem(active_set(owner), *ended)
+        return len(ids) - len(ended)
+
     def list_ids(self, owner: str, limit: int, offset: int = 0) -> list[str]:
         """The owner's job ids, newest first; expired records are pruned from the index."""
         ids = [
             i.decode() for i in self.redis.zrevrange(owner_index(owner), offset, offset + limit - 1)
         ]
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.exists(job_key(job_id))
-        alive = pipe.execute()
+        alive = self._exist(ids)
         dead = [i for i, ok in zip(ids, alive, strict=True) if not ok]
         if dead:
             self.redis.zrem(owner_index(owner), *dead)
         return [i for i, ok in zip(ids, alive, strict=True) if ok]
+
+    def prune_index(self, owner_key: str, older_than: float) -> int:
+        """Drop expired jobs created before ``older_than`` (a timestamp) from an owner's
+        index; the sweeper calls it so that indexes of idle owners do not grow forever."""
+        ids = [i.decode() for i in self.redis.zrangebyscore(owner_key, "-inf", older_than)]
+        dead = [i for i, ok in zip(ids, self._exist(ids), strict=True) if not ok]
+        if dead:
+            self.redis.zrem(owner_key, *dead)
+        return len(dead)
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(job_key(job_id)))
+
+    def _exist(self, ids: list[str]) -> list[bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(job_key(job_id))
+        return [bool(x) for x in pipe.execute()]
 
     @staticmethod
     def _document(fields: dict[str, str]) -> JobDocument:
@@ -209,6 +359,17 @@ class JobStore:
             if name in data:
                 data[name] = json.loads(data[name])
         return JobDocument.model_validate(data)
+
+
+def _observe_duration(pipe: redis.client.Pipeline, kind: str, seconds: float) -> None:
+    """Cumulative histogram buckets, as Prometheus wants them."""
+    key = duration_key(kind)
+    for bound in DURATION_BUCKETS_S:
+        if seconds <= bound:
+            pipe.hincrby(key, str(bound), 1)
+    pipe.hincrby(key, "+Inf", 1)
+    pipe.hincrby(key, "count", 1)
+    pipe.hincrbyfloat(key, "sum", seconds)
 
 
 def _encode(name: str, value: Any) -> str:

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI, Request, Response, status
+from fastapi import FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import errors
-from app.api.routes import datasets, health, jobs, models
+from app.api.routes import datasets, health, jobs, metrics, models
 from app.blobstore import BlobStore
-from app.core.config import Settings, get_settings
+from app.core.config import Limits, Settings, get_settings
 from app.jobstore import JobStore
+from app.logs import job_context
+from app.maintenance import run_housekeeping
+from app.metrics import metrics_registry
 
 CLIENT_HEADER = "X-Lens-Client"
 log = logging.getLogger(__name__)
+_JOB_PATH = re.compile(r"^/v1/jobs/([0-9a-f]{32})(?:/|$)")
 
 
 def compatible(client_version: str) -> bool:
@@ -29,6 +39,82 @@ def compatible(client_version: str) -> bool:
         return tuple(parts[:2]) if parts[0] == "0" else tuple(parts[:1])
 
     return series(client_version) == series(__version__)
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive``: an HTTPException, so whatever is reading the body (FastAPI's
+    JSON parsing, a streaming route) turns it into the 413 rather than a 400."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        super().__init__(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"request body of more than {limit} bytes exceeds the limit {name} = {limit} bytes",
+        )
+
+
+class BodyLimit:
+    """413 for a request body over the operator's limit, whether or not it declares its
+    length: a chunked body is counted as it arrives and cut off at the limit."""
+
+    def __init__(self, app: ASGIApp, limits: Limits) -> None:
+        self.app = app
+        self.limits = limits
+
+    def _limit(self, path: str) -> tuple[int, str]:
+        if path.startswith("/v1/datasets"):
+            return self.limits.max_dataset_bytes, "max_dataset_bytes"
+        return self.limits.max_request_bytes, "max_request_bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, name = self._limit(scope["path"])
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"").decode()
+        if length.isdigit() and int(length) > limit:
+            await _too_large(send, int(length), limit, name)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(limit, name)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _too_large(send, None, limit, name)
+
+
+async def _too_large(send: Send, length: int | None, limit: int, name: str) -> None:
+    size = f"{length} bytes" if length is not None else f"more than {limit} bytes"
+    body = json.dumps(
+        {"detail": f"request body of {size} exceeds the limit {name} = {limit} bytes"}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status.HTTP_413_CONTENT_TOO_LARGE,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -42,11 +128,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=30,
             health_check_interval=10,
         )
+        store = JobStore(conn)
+        blobs = BlobStore(settings.blob_dir)
         app.state.settings = settings
         app.state.redis = conn
-        app.state.store = JobStore(conn)
-        app.state.blobs = BlobStore(settings.blob_dir)
+        app.state.store = store
+        app.state.blobs = blobs
+        app.state.metrics = metrics_registry(store, sorted(settings.models))
+        housekeeping = asyncio.create_task(run_housekeeping(store, blobs, settings))
         yield
+        housekeeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await housekeeping
         conn.close()
 
     app = FastAPI(
@@ -56,6 +149,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    # Innermost: BaseHTTPMiddleware wraps errors raised from ``receive`` in exception groups.
+    app.add_middleware(BodyLimit, limits=settings.limits)
 
     @app.middleware("http")
     async def guard(
@@ -70,20 +165,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 },
                 status_code=status.HTTP_426_UPGRADE_REQUIRED,
             )
-        length = request.headers.get("content-length")
-        limit = settings.limits.max_request_bytes
-        if (
-            length
-            and length.isdigit()
-            and int(length) > limit
-            and not request.url.path.startswith("/v1/datasets")
-        ):
-            return JSONResponse(
-                {"detail": f"request body of {length} bytes exceeds the limit of {limit}"},
-                status_code=status.HTTP_413_CONTENT_TOO_LARGE,
-            )
         return await call_next(request)
 
-    for module in (jobs, models, datasets, health):
+    @app.middleware("http")
+    async def access_log(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """One line per request, attributed to the job it names (never its headers)."""
+        started = time.perf_counter()
+        match = _JOB_PATH.match(request.url.path)
+        job_id = match.group(1) if match else None
+        with job_context(job_id) if job_id else contextlib.nullcontext():
+            response = await call_next(request)
+        job_id = job_id or getattr(request.state, "job_id", None)
+        owner = getattr(request.state, "owner", None)
+        with job_context(job_id) if job_id else contextlib.nullcontext():
+            log.info(
+                "%s %s %d %.1fms owner=%s",
+                request.method,
+                request.url.path,
+                response.status_code,
+                1000 * (time.perf_counter() - started),
+                owner or "-",
+            )
+        return response
+
+    for module in (jobs, models, datasets, health, metrics):
         app.include_router(module.router)
     return app

@@ -5,12 +5,14 @@ The API enqueues by dotted path, so it never imports the code that runs jobs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
 import redis
 from rq import Queue
-from rq.registry import StartedJobRegistry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from app.jobstore import PREFIX
@@ -47,8 +49,11 @@ def queue_depth(connection: redis.Redis, model: str) -> int:
     return model_queue(connection, model).count
 
 
-def running_count(connection: redis.Redis, model: str) -> int:
-    return StartedJobRegistry(queue=model_queue(connection, model)).count
+def drop(connection: redis.Redis, model: str, job_id: str) -> None:
+    """Take a job off its queue and delete RQ's copy (its record stays with the job store)."""
+    model_queue(connection, model).remove(job_id)
+    with contextlib.suppress(NoSuchJobError):
+        Job.fetch(job_id, connection=connection, serializer=JSONSerializer).delete()
 
 
 def worker_key(worker: str) -> str:

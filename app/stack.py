@@ -8,7 +8,6 @@ fails its job), Redis last (flushing its append-only file).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -26,26 +25,21 @@ STOP_TIMEOUT_S = 30.0
 
 
 def child_env(settings: Settings) -> dict[str, str]:
-    """The environment that hands ``settings`` to a child process."""
+    """The environment that hands ``settings`` to a child process (every setting, so the
+    children agree with the supervisor whatever its config file or flags said)."""
     env = dict(os.environ)
-    env.update(
-        {
-            "LENS_REDIS_URL": settings.redis_url,
-            "LENS_DATA_DIR": str(settings.data_dir.resolve()),
-            "LENS_MODELS": json.dumps(
-                {k: v.model_dump(exclude_none=True) for k, v in settings.models.items()}
-            ),
-            "LENS_HOST": settings.host,
-            "LENS_PORT": str(settings.port),
-            "LENS_API_KEYS": ",".join(settings.key_values()),
-            "LENS_HEARTBEAT_S": str(settings.heartbeat_s),
-            "LENS_RESULT_TTL_S": str(settings.result_ttl_s),
-            "LENS_JOB_TIMEOUT_S": str(settings.job_timeout_s),
-            "LENS_LIMITS": settings.limits.model_dump_json(),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
+    env.update(settings.model_copy(update={"data_dir": settings.data_dir.resolve()}).environment())
+    env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def worker_names(settings: Settings, count: int, serves: list[str] | None = None) -> list[str]:
+    """One worker per name the config assigns models to (e.g. one per GPU); else
+    ``worker-0`` … ``worker-{count-1}``, each serving every model (or ``serves``)."""
+    assigned = sorted({w for spec in settings.models.values() for w in spec.workers or []})
+    if assigned and not serves:
+        return assigned
+    return [f"worker-{i}" for i in range(count)]
 
 
 def _die_with_parent() -> None:
@@ -84,14 +78,30 @@ class Stack:
     def start(
         self, *, workers: int = 1, own_redis: bool = True, serves: list[str] | None = None
     ) -> Stack:
+        """Redis (its files in the data directory, so a new stack on the same directory
+        finds every job), the workers, then the API."""
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if own_redis:
             self.redis = start_redis(self.settings.data_dir / "redis")
             self.settings = self.settings.model_copy(update={"redis_url": self.redis.url})
-        for i in range(workers):
-            self.spawn_worker(f"worker-{i}", serves)
+        for name in worker_names(self.settings, workers, serves):
+            self.spawn_worker(name, serves)
         self.start_api()
         return self
+
+    def wait_api(self, timeout: float = 60.0) -> None:
+        """Until the API answers /healthz (Redis included); workers may still be loading."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_children()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API did not answer within {timeout:.0f} s")
+            time.sleep(0.1)
 
     def start_api(self) -> None:
         self.api = self._spawn(["api"], "api.log")
@@ -143,18 +153,25 @@ class Stack:
             if w.poll() is None:
                 w.send_signal(signal.SIGTERM)
         for w in self.workers.values():
-            _stop(w, already_signalled=True)
+            _stop(
+                w, already_signalled=True, timeout=self.settings.shutdown_grace_s + STOP_TIMEOUT_S
+            )
         self.workers.clear()
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
 
 
-def _stop(proc: subprocess.Popen[bytes], *, already_signalled: bool = False) -> None:
+def _stop(
+    proc: subprocess.Popen[bytes],
+    *,
+    already_signalled: bool = False,
+    timeout: float = STOP_TIMEOUT_S,
+) -> None:
     if proc.poll() is None and not already_signalled:
         proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(STOP_TIMEOUT_S)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

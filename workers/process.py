@@ -2,59 +2,185 @@
 
 RQ's default worker forks a child per job, which would reload models every job
 and cannot carry CUDA across the fork; this one runs jobs in its own process.
+
+Lifecycle guarantees:
+
+- Alive: a heartbeat thread refreshes the worker's key every ``heartbeat_s`` (it
+  expires after 3 beats) and reaps the jobs of workers whose key has expired.
+- SIGTERM (or Ctrl-C): no new job is taken; the current one may run for
+  ``shutdown_grace_s``, then it is failed (``WorkerShutdown``; re-queued instead when
+  the operator enables retries) and stopped at its next step, and the worker exits.
+  A second signal stops at once, settling the job the same way first.
+- Redis outage: RQ's loop retries, or gives up; the worker then waits for Redis and
+  starts a new loop, so it never has to be restarted by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import redis
+import torch
+from rq.exceptions import StopRequested
+from rq.job import Job
+from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
+from transformers.utils import logging as hf_logging
 
 from app import queue
 from app.blobstore import BlobStore
 from app.core.config import Settings
-from app.jobstore import JobStore
-from workers import tasks
+from app.jobstore import JobStore, RunningJob
+from app.logs import job_context
+from app.maintenance import Reaper, settle
+from app.schemas import JobError
+from workers import limits, tasks
 from workers.registry import ModelRegistry, describe
 
 log = logging.getLogger(__name__)
+
+REDIS_WAIT_S = 1.0
 
 
 def default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def served_models(settings: Settings, name: str, explicit: list[str] | None = None) -> list[str]:
+    """``explicit`` (``--serve``) if given, else the models the config assigns to ``name``."""
+    names = list(explicit) if explicit else settings.models_of(name)
+    unknown = [m for m in names if m not in settings.models]
+    if unknown:
+        raise ValueError(
+            f"models {unknown} are not configured; configured: {sorted(settings.models)}"
+        )
+    if not names:
+        raise ValueError(
+            f"worker {name!r} serves no model: every configured model lists other workers "
+            f"(ModelSpec.workers); configured: {sorted(settings.models)}"
+        )
+    return names
+
+
 class _Heartbeat(threading.Thread):
-    """Reports this worker alive and fails the jobs of workers that stopped reporting."""
+    """Reports this worker alive and settles the jobs of workers that stopped reporting."""
 
     def __init__(
         self, settings: Settings, name: str, info: Callable[[], dict[str, Any]], store: JobStore
     ) -> None:
         super().__init__(name="lens-heartbeat", daemon=True)
         self.settings, self.worker, self.info, self.store = settings, name, info, store
+        self.reap = Reaper(store, settings)
         self.stopped = threading.Event()
 
     def beat(self) -> None:
-        conn = self.store.redis
-        queue.heartbeat(conn, self.worker, self.info(), ttl_s=3 * self.settings.heartbeat_s)
-        reaped = self.store.reap_orphans(set(queue.live_workers(conn)), self.settings.result_ttl_s)
-        for job_id in reaped:
-            log.warning("job %s: its worker died; marked failed", job_id)
+        queue.heartbeat(
+            self.store.redis, self.worker, self.info(), ttl_s=self.settings.worker_ttl_s
+        )
+        self.reap()
 
     def run(self) -> None:
         while not self.stopped.wait(self.settings.heartbeat_s):
             try:
                 self.beat()
             except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
+                self.reap.outage()
+                log.warning("heartbeat failed, Redis unavailable: %s", exc)
+            except Exception:
+                log.exception("heartbeat failed; trying again next beat")
+
+
+class _Shutdown:
+    """What SIGTERM does to the jobs this worker holds."""
+
+    def __init__(self, settings: Settings, name: str, store: JobStore) -> None:
+        self.settings, self.worker, self.store = settings, name, store
+        self.requested = False
+
+    def begin(self) -> None:
+        """Start the grace period (once): when it ends, whatever still runs is stopped."""
+        if self.requested:
+            return
+        self.requested = True
+        timer = threading.Timer(self.settings.shutdown_grace_s, self.stop_jobs)
+        timer.daemon = True
+        timer.start()
+
+    def stop_jobs(self) -> None:
+        """Settle every job this worker holds, then stop them at their next step."""
+        try:
+            held = [job for job in self.store.running() if job.worker == self.worker]
+        except redis.RedisError as exc:
+            log.warning("could not settle running jobs on shutdown: %s", exc)
+            return
+        for job in held:
+            settle(self.store, self.settings, job, _shutdown_error(job))
+            self.store.stop_locally(job.job_id)
+
+
+def _shutdown_error(job: RunningJob) -> JobError:
+    return JobError(
+        type="WorkerShutdown",
+        message=f"worker {job.worker} was shut down while running this job; submit it again",
+    )
+
+
+class LensWorker(SimpleWorker):
+    """RQ's in-process worker, plus: the job id on every log line, the shutdown grace, and
+    a short reconnect backoff so that a Redis restart costs seconds, not a minute."""
+
+    max_connection_wait_time = 5.0
+
+    def __init__(self, *args: Any, shutdown: _Shutdown, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lens_shutdown = shutdown
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        with job_context(job.id):
+            super().execute_job(job, queue)
+
+    def handle_warm_shutdown_request(self) -> None:
+        grace = self.lens_shutdown.settings.shutdown_grace_s
+        log.info("shutdown requested: a running job has %.0f s to finish", grace)
+        self.lens_shutdown.begin()
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.lens_shutdown.stop_jobs()
+        super().request_force_stop(signum, frame)
+
+
+def _gpu_memory(devices: set[torch.device]) -> list[dict[str, Any]]:
+    """Memory of the CUDA devices this worker's models live on (no new CUDA contexts)."""
+    return [
+        {
+            "device": str(d),
+            "allocated": torch.cuda.memory_allocated(d),
+            "reserved": torch.cuda.memory_reserved(d),
+            "total": torch.cuda.get_device_properties(d).total_memory,
+        }
+        for d in sorted(devices, key=str)
+        if d.type == "cuda"
+    ]
+
+
+def _wait_for_redis(conn: redis.Redis, shutdown: _Shutdown) -> bool:
+    """Block until Redis answers (True) or a shutdown is requested (False)."""
+    while not shutdown.requested:
+        try:
+            conn.ping()
+            return True
+        except redis.RedisError:
+            time.sleep(REDIS_WAIT_S)
+    return False
 
 
 def run_worker(
@@ -64,19 +190,24 @@ def run_worker(
     *,
     burst: bool = False,
 ) -> None:
-    """Load ``models`` (default: all served), then work their queues until told to stop."""
-    names = models or sorted(settings.models)
-    unknown = [m for m in names if m not in settings.models]
-    if unknown:
-        raise ValueError(
-            f"models {unknown} are not configured; configured: {sorted(settings.models)}"
-        )
+    """Load its models (``models``, else those the config assigns to ``name``), then work
+    their queues until told to stop."""
     name = name or default_worker_name()
-    conn = redis.Redis.from_url(settings.redis_url)
-    store = JobStore(conn)
-    registry = ModelRegistry({m: settings.models[m] for m in names})
+    names = served_models(settings, name, models)
+    hf_logging.disable_progress_bar()
+    conn = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
+    store = JobStore(conn, worker=name)
+    for job in store.running():
+        if job.worker == name:
+            settle(store, settings, job, _restarted_error(job))
+    registry = ModelRegistry(
+        {m: settings.models[m] for m in names},
+        max_bytes=settings.max_resident_bytes,
+        max_models=settings.max_resident_models,
+    )
     for model in names:
         queue.publish_model_info(conn, model, describe(model, registry.get(model)))
+    limits.apply_memory_limits(settings, list(registry.loaded.values()))
     tasks.install(
         tasks.Runtime(
             worker_name=name,
@@ -85,31 +216,79 @@ def run_worker(
             blobs=BlobStore(settings.blob_dir),
             dataset_dir=settings.dataset_dir,
             result_ttl_s=settings.result_ttl_s,
+            limits=settings.limits,
         )
     )
     since = time.time()
 
     def info() -> dict[str, Any]:
+        loaded = dict(registry.loaded)
         return {
+            **tasks.stats(),
             "models": names,
+            "resident": sorted(loaded),
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "since": since,
             "loads": dict(registry.load_counts),
+            "load_seconds": dict(registry.load_seconds),
+            "gpus": _gpu_memory({lm.device for lm in loaded.values()}),
         }
 
     heartbeat = _Heartbeat(settings, name, info, store)
     heartbeat.beat()
     heartbeat.start()
-    worker = SimpleWorker(
-        [queue.model_queue(conn, m) for m in names],
-        name=name,
-        connection=conn,
-        serializer=JSONSerializer,
-    )
+    shutdown = _Shutdown(settings, name, store)
     log.info("worker %s ready: models %s", name, names)
     try:
-        worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+        _work(conn, settings, name, names, shutdown, burst=burst)
     finally:
         heartbeat.stopped.set()
-        queue.remove_worker(conn, name)
+        with contextlib.suppress(redis.RedisError):
+            queue.remove_worker(conn, name)
+        log.info("worker %s stopped", name)
+
+
+def _restarted_error(job: RunningJob) -> JobError:
+    return JobError(
+        type="WorkerLost",
+        message=f"worker {job.worker} restarted while running this job; submit it again",
+    )
+
+
+def _work(
+    conn: redis.Redis,
+    settings: Settings,
+    name: str,
+    models: list[str],
+    shutdown: _Shutdown,
+    *,
+    burst: bool,
+) -> None:
+    """RQ's loop, started again after a Redis outage made it quit. Each loop registers
+    with RQ under a fresh name: a killed predecessor's RQ record would block the old one."""
+    rounds = 0
+    while True:
+        rounds += 1
+        worker = LensWorker(
+            [queue.model_queue(conn, m) for m in models],
+            name=f"{name}.{os.getpid()}.{rounds}",
+            connection=conn,
+            serializer=JSONSerializer,
+            shutdown=shutdown,
+        )
+        try:
+            worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+        except StopRequested:
+            return
+        except redis.RedisError as exc:
+            log.warning("lost Redis: %s", exc)
+        if burst or shutdown.requested:
+            return
+        log.warning("the job loop stopped (Redis unavailable?); waiting for Redis")
+        try:
+            if not _wait_for_redis(conn, shutdown):
+                return
+        except StopRequested:
+            return
+        log.info("Redis is back; taking jobs again")

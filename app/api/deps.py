@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from typing import Annotated
 
 import redis
@@ -36,6 +37,7 @@ RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _bearer = HTTPBearer(auto_error=False, description="An API key, when the server has keys.")
 
 
@@ -45,9 +47,18 @@ def owner_of_key(key: str) -> str:
 
 
 def get_owner(
+    request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
+    """The caller's owner id: from its key, compared with every configured key in constant
+    time (no early exit, so timing does not tell how much of a key matched)."""
+    owner = _authenticate(settings, credentials)
+    request.state.owner = owner
+    return owner
+
+
+def _authenticate(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> str:
     keys = settings.key_values()
     if not keys:
         return ANONYMOUS
@@ -57,10 +68,10 @@ def get_owner(
             "an API key is required: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    given = credentials.credentials.encode()
+    given = _digest(credentials.credentials)
     matched = False
     for key in keys:
-        matched |= hmac.compare_digest(given, key.encode())
+        matched |= hmac.compare_digest(given, _digest(key))
     if not matched:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"}
@@ -68,12 +79,17 @@ def get_owner(
     return owner_of_key(credentials.credentials)
 
 
+def _digest(key: str) -> bytes:
+    """Keys are compared as digests, so the comparison takes as long whatever their length."""
+    return hashlib.sha256(key.encode()).digest()
+
+
 OwnerDep = Annotated[str, Depends(get_owner)]
 
 
 def get_owned_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobRecord:
     """The job if it exists and is the caller's; else 404 (never 403: ids stay private)."""
-    record = store.get(job_id)
+    record = store.get(job_id) if _JOB_ID.match(job_id) else None
     if record is None or record.owner != owner:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
     return record

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 
 log = logging.getLogger(__name__)
 
+REDIS_RETRY_AFTER_S = 5
+
 
 def field_error(field: str, message: str) -> list[dict[str, object]]:
     """A 422 detail in FastAPI's own shape, so clients parse one format."""
@@ -17,12 +19,16 @@ def field_error(field: str, message: str) -> list[dict[str, object]]:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(redis.ConnectionError)
-    @app.exception_handler(redis.TimeoutError)
+    @app.exception_handler(redis.RedisError)
     async def redis_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("redis unavailable: %s", exc)
+        """Redis down, restarting (loading its data) or refusing writes: the service is
+        unavailable, not broken; clients retry after a few seconds."""
+        log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
         return JSONResponse(
-            {"detail": "the job queue (Redis) is unavailable; try again shortly"},
+            {
+                "detail": "the job queue (Redis) is unavailable; the server reconnects by itself, "
+                f"try again in a few seconds ({type(exc).__name__})"
+            },
             status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
         )

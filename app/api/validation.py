@@ -10,6 +10,7 @@ from fastapi import HTTPException, status
 
 from app.api.errors import field_error
 from app.core.config import Limits
+from app.core.jobsize import pattern_samples, text_fields
 from app.jobstore import JobStore
 from app.schemas import (
     AblateJob,
@@ -35,48 +36,47 @@ def too_large(message: str) -> HTTPException:
 
 
 def check_limits(job: Request, limits: Limits) -> None:
-    """Operator limits on texts, lengths, masks and updates (413 for size, 422 for counts)."""
-    for field, texts in _text_fields(job).items():
+    """Operator limits the API can count (413 for sizes, 422 for counts), each reported by
+    its name; token counts are the worker's (it has the tokenizer)."""
+    for field, texts in text_fields(job).items():
         if len(texts) > limits.max_texts:
-            raise too_large(f"{field}: {len(texts)} texts exceed the limit of {limits.max_texts}")
+            raise too_large(
+                f"{field}: {len(texts)} texts exceed the limit max_texts = {limits.max_texts}"
+            )
         longest = max((len(t) for t in texts), default=0)
         if longest > limits.max_text_chars:
             raise too_large(
-                f"{field}: a text of {longest} characters exceeds the limit of "
+                f"{field}: a text of {longest} characters exceeds the limit max_text_chars = "
                 f"{limits.max_text_chars}"
             )
+    samples = pattern_samples(job)
+    if samples is not None and samples > limits.max_texts:
+        raise invalid("num_samples", f"{samples} exceeds the limit max_texts = {limits.max_texts}")
     if isinstance(job, ChgJob | CchgJob):
         if job.num_masks > limits.max_masks:
-            raise invalid("num_masks", f"{job.num_masks} exceeds the limit of {limits.max_masks}")
+            raise invalid(
+                "num_masks", f"{job.num_masks} exceeds the limit max_masks = {limits.max_masks}"
+            )
+        product = job.num_masks * job.batch_size
+        if product > limits.max_mask_batch:
+            raise invalid(
+                "batch_size",
+                f"num_masks × batch_size = {job.num_masks} × {job.batch_size} = {product} "
+                f"exceeds the limit max_mask_batch = {limits.max_mask_batch}",
+            )
         updates = job.num_updates + getattr(job, "num_reg_updates", 0)
         if updates > limits.max_updates:
             raise invalid(
-                "num_updates", f"{updates} updates in all exceed the limit of {limits.max_updates}"
+                "num_updates",
+                f"{updates} updates in all exceed the limit max_updates = {limits.max_updates}",
             )
 
 
-def _text_fields(job: Request) -> dict[str, list[str]]:
-    names = (
-        "texts",
-        "targets",
-        "retain_texts",
-        "retain_targets",
-        "forget_texts",
-        "forget_targets",
-        "eval_retain_texts",
-        "eval_retain_targets",
-        "eval_forget_texts",
-        "eval_forget_targets",
-        "sentences",
-    )
-    found: dict[str, list[str]] = {}
-    for name in names:
-        value = getattr(job, name, None)
-        if value is not None:
-            found[name] = [value] if isinstance(value, str) else value
-    if isinstance(job, AttributeJob):
-        found["document"] = [job.document]
-    return found
+def check_dataset_rows(field: str, rows: int, limits: Limits) -> None:
+    if rows > limits.max_texts:
+        raise too_large(
+            f"{field}: the data set has {rows} rows, over the limit max_texts = {limits.max_texts}"
+        )
 
 
 def check_shape(job: Request, info: ModelInfo) -> None:

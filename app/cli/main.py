@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import signal
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Annotated
 import typer
 
 from app.cli import jobs
-from app.core.config import CONFIG_ENV, Settings, get_settings, parse_model_arg
+from app.core.config import CONFIG_ENV, Settings, get_settings, parse_model_arg, read_keys_file
 
 app = typer.Typer(
     name="lens",
@@ -66,8 +65,7 @@ def load_settings(
     if port:
         update["port"] = port
     if api_keys:
-        keys = [k.strip() for k in api_keys.read_text().splitlines() if k.strip()]
-        update["api_keys"] = keys
+        update["api_keys"] = read_keys_file(api_keys)
     return Settings.model_validate({**settings.model_dump(), **update}) if update else settings
 
 
@@ -94,8 +92,16 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(component: str, settings: Settings) -> None:
+    """Structured lines (key=value or JSON) on stderr; API keys are masked if they appear."""
+    from app.logs import configure_logging
+
+    configure_logging(
+        component,
+        fmt=settings.log_format,
+        level=settings.log_level,
+        secrets=settings.key_values(),
+    )
 
 
 @app.command()
@@ -165,10 +171,10 @@ def api(
         api_keys=api_keys,
     )  # fmt: skip
     _check_exposure(settings, allow_unauthenticated)
-    _logging()
+    _logging("api", settings)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-        timeout_graceful_shutdown=5,
+        create_app(settings), host=settings.host, port=settings.port, log_config=None,
+        access_log=False, timeout_graceful_shutdown=5,
     )  # fmt: skip
 
 
@@ -181,14 +187,20 @@ def worker(
     serves: Annotated[
         list[str] | None, typer.Option("--serve", help="Only these model names (default all).")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Worker name (default host-pid).")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Worker name (default host-pid); it serves the models the config assigns "
+            "to this name (a model's 'workers' list), or all unassigned ones."
+        ),
+    ] = None,
     burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
 ) -> None:
     """A worker process: loads its models once and runs their jobs (one per GPU or CPU)."""
     from workers.process import run_worker
 
     settings = load_settings(config=config, models=model, redis_url=redis_url, data_dir=data_dir)
-    _logging()
+    _logging("worker", settings)
     run_worker(settings, serves, name, burst=burst)
 
 

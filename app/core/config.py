@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_PORT = 8000
 DEFAULT_DATA_DIR = Path("data")
 CONFIG_ENV = "LENS_CONFIG"
+GIB = 1024**3
 
 
 class ModelSpec(BaseModel):
@@ -26,20 +35,42 @@ class ModelSpec(BaseModel):
     dtype: str | None = Field(None, description="float32, float16 or bfloat16; default by device.")
     trust_remote_code: bool = False
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget of one forward pass.")
+    workers: list[str] | None = Field(
+        None,
+        description="Names of the workers that serve it (lens worker --name); default every "
+        "worker. Assigns models to GPUs: one worker per GPU, each named.",
+    )
+
+    def served_by(self, worker: str) -> bool:
+        return self.workers is None or worker in self.workers
 
 
 class Limits(BaseModel):
-    """Operator limits; each one reported by name in the 4xx that enforces it."""
+    """Operator limits; each one reported by name in the error that enforces it.
+
+    The API checks what it can count without a tokenizer (413 or 422 at submission);
+    token counts and result sizes are checked by the worker, which has the tokenizer and
+    the tensors, and fail the job (InvalidParameter, LimitExceeded) before any compute or
+    before anything is written.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    max_texts: int = Field(1024, ge=1)
-    max_text_chars: int = Field(100_000, ge=1)
-    max_masks: int = Field(64, ge=1)
-    max_updates: int = Field(10_000, ge=1)
-    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    max_dataset_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_active_jobs_per_key: int = Field(32, ge=1)
+    max_texts: int = Field(1024, ge=1, description="Texts in any one text field of a job.")
+    max_text_chars: int = Field(100_000, ge=1, description="Characters in any one text.")
+    max_tokens_per_text: int = Field(8192, ge=1, description="Tokens in any one text (worker).")
+    max_tokens_per_job: int = Field(1_048_576, ge=1, description="Tokens in all texts (worker).")
+    max_masks: int = Field(64, ge=1, description="num_masks of a chg or cchg job.")
+    max_mask_batch: int = Field(
+        4096, ge=1, description="num_masks × batch_size: sequences in one gated forward pass."
+    )
+    max_updates: int = Field(10_000, ge=1, description="num_updates + num_reg_updates.")
+    max_result_bytes: int = Field(
+        2 * GIB, ge=1, description="Size of a result's tensors; the worker refuses above it."
+    )
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="A request body.")
+    max_dataset_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="An uploaded data set.")
+    max_active_jobs_per_key: int = Field(32, ge=1, description="Queued + running jobs per key.")
 
 
 class Settings(BaseSettings):
@@ -53,9 +84,45 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = Field(
+        None, description="A file with one API key per line, added to api_keys."
+    )
     job_timeout_s: int = Field(6 * 3600, ge=1, description="A job running longer is failed.")
-    result_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="Finished jobs expire after this.")
-    heartbeat_s: float = Field(5.0, gt=0, description="How often a worker reports it is alive.")
+    result_ttl_s: int = Field(
+        7 * 24 * 3600, ge=1, description="Finished jobs and their results expire after this."
+    )
+    heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a worker reports it is alive; a worker silent for 3 beats is "
+        "dead, and its job is failed (or re-queued) within 4 beats of its death.",
+    )
+    retry_lost_jobs: bool = Field(
+        False, description="Re-queue (once) a job whose worker died or was shut down."
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long a worker lets its job run before stopping it."
+    )
+    sweep_interval_s: float = Field(
+        300.0, gt=0, description="How often the API deletes the blobs of expired jobs."
+    )
+    worker_memory_mb: int | None = Field(
+        None,
+        ge=1,
+        description="CPU workers: host memory a worker may take beyond its loaded models "
+        "(an address-space limit); a job needing more fails as out of memory.",
+    )
+    cuda_memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="CUDA workers: the share of each GPU a worker may use."
+    )
+    max_resident_bytes: int | None = Field(
+        None, ge=1, description="Parameter bytes a worker keeps loaded; LRU models evicted beyond."
+    )
+    max_resident_models: int | None = Field(
+        None, ge=1, description="Models a worker keeps loaded; LRU models evicted beyond."
+    )
+    log_format: Literal["kv", "json"] = "kv"
+    log_level: str = "INFO"
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("api_keys", mode="before")
@@ -64,6 +131,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _read_keys_file(self) -> Settings:
+        if self.api_keys_file is not None:
+            known = set(self.key_values())
+            for key in read_keys_file(self.api_keys_file):
+                if key not in known:
+                    self.api_keys.append(SecretStr(key))
+                    known.add(key)
+            self.api_keys_file = None
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -84,8 +162,33 @@ class Settings(BaseSettings):
     def dataset_dir(self) -> Path:
         return self.data_dir / "datasets"
 
+    @property
+    def worker_ttl_s(self) -> float:
+        """A worker silent this long is dead."""
+        return 3 * self.heartbeat_s
+
     def key_values(self) -> list[str]:
         return [k.get_secret_value() for k in self.api_keys]
+
+    def models_of(self, worker: str) -> list[str]:
+        """The models the config assigns to the worker named ``worker``."""
+        return sorted(name for name, spec in self.models.items() if spec.served_by(worker))
+
+    def environment(self) -> dict[str, str]:
+        """``LENS_*`` variables that give a child process these settings (keys included)."""
+        env: dict[str, str] = {}
+        dumped = self.model_dump(mode="json", exclude={"api_keys", "api_keys_file"})
+        for name, value in dumped.items():
+            if value is not None:
+                env[f"LENS_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        env["LENS_API_KEYS"] = ",".join(self.key_values())
+        return env
+
+
+def read_keys_file(path: Path) -> list[str]:
+    """One key per line; blank lines and ``#`` comments are skipped."""
+    lines = (line.strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 class _TomlSource(PydanticBaseSettingsSource):

@@ -56,19 +56,6 @@ def test_finish_sets_fields_expiry_and_publishes(redis_conn: redis.Redis) -> Non
     assert 0 < redis_conn.ttl(f"lens:job:{doc.id}") <= 100
 
 
-def test_orphaned_running_jobs_are_failed(redis_conn: redis.Redis) -> None:
-    store = JobStore(redis_conn)
-    alive, dead = make(store), make(store)
-    store.start(alive.id, "w-alive")
-    store.start(dead.id, "w-dead")
-    assert store.reap_orphans({"w-alive"}, ttl_s=100) == [dead.id]
-    record = store.get(dead.id)
-    assert record is not None and record.document.status is JobStatus.FAILED
-    assert record.document.error is not None and record.document.error.type == "WorkerLost"
-    running = store.get(alive.id)
-    assert running is not None and running.document.status is JobStatus.RUNNING
-
-
 def test_listing_is_per_owner_and_newest_first(redis_conn: redis.Redis) -> None:
     store = JobStore(redis_conn)
     first, second = make(store, "alice"), make(store, "alice")

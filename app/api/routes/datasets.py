@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 
 from app.api.deps import OwnerDep, RedisDep, SettingsDep
 from app.api.errors import field_error
-from app.jobstore import PREFIX
+from app.maintenance import dataset_key
 from app.schemas import DatasetInfo
 from workers.lens.datasets import parse_dataset
 from workers.lens.errors import InvalidParameter
@@ -27,13 +27,10 @@ _CONTENT_TYPES = {
 }
 
 
-def _dataset_key(dataset_id: str) -> str:
-    return f"{PREFIX}:dataset:{dataset_id}"
-
-
-def dataset_owner(conn: redis.Redis, dataset_id: str) -> str | None:
-    owner = conn.hget(_dataset_key(dataset_id), "owner")
-    return owner.decode() if owner else None
+def dataset_record(conn: redis.Redis, dataset_id: str) -> tuple[str, int] | None:
+    """The data set's owner and row count, while it has not expired."""
+    owner, rows = conn.hmget(dataset_key(dataset_id), "owner", "rows")
+    return (owner.decode(), int(rows or 0)) if owner else None
 
 
 @router.post(
@@ -63,7 +60,8 @@ async def upload_dataset(
         ),
     ] = None,
 ) -> DatasetInfo:
-    """The body is the raw file: JSON lines with ``prompt`` and ``target``, or TSV."""
+    """The body is the raw file: JSON lines with ``prompt`` and ``target``, or TSV. A data
+    set expires ``result_ttl_s`` after its upload or its latest use by a job."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip()
     fmt = format or _CONTENT_TYPES.get(content_type)
     if fmt is None:
@@ -91,5 +89,8 @@ async def upload_dataset(
     temp = path.with_suffix(".tmp")
     temp.write_text(json.dumps(rows))
     os.replace(temp, path)
-    conn.hset(_dataset_key(dataset_id), mapping={"owner": owner, "rows": len(rows)})
+    pipe = conn.pipeline()
+    pipe.hset(dataset_key(dataset_id), mapping={"owner": owner, "rows": len(rows)})
+    pipe.expire(dataset_key(dataset_id), settings.result_ttl_s)
+    pipe.execute()
     return DatasetInfo(id=dataset_id, rows=len(rows), columns=["prompt", "target"])

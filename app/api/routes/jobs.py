@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException, Query, status
+import redis
+from fastapi import APIRouter, Body, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, StreamingResponse
+from redis.client import PubSub
 
 from app import queue
 from app.api import validation
 from app.api.deps import BlobsDep, OwnedJobDep, OwnerDep, RedisDep, SettingsDep, StoreDep
-from app.api.routes.datasets import dataset_owner
-from app.jobstore import JobRecord, JobStore, events_channel, job_key, now
+from app.api.routes.datasets import dataset_record
+from app.jobstore import JobRecord, JobStore, events_channel
+from app.maintenance import dataset_key
 from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SSE_KEEPALIVE_S = 10.0
+RETRY_AFTER_S = 10
+log = logging.getLogger(__name__)
 
 
 def _with_position(record: JobRecord, store: JobStore) -> JobDocument:
@@ -31,6 +37,7 @@ def _with_position(record: JobRecord, store: JobStore) -> JobDocument:
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobDocument)
 def submit_job(
     job: Annotated[JobRequest, Body(description="The job: its kind, model and parameters.")],
+    request: Request,
     owner: OwnerDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -48,31 +55,33 @@ def submit_job(
         validation.check_shape(job, ModelInfo.model_validate(info))
     validation.check_source_job(job, owner, store)
     for field, dataset_id in validation.dataset_fields(job).items():
-        if dataset_owner(conn, dataset_id) != owner:
+        found = dataset_record(conn, dataset_id)
+        if found is None or found[0] != owner:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"{field}: data set {dataset_id!r} not found"
             )
-    active = sum(
-        1
-        for job_id in store.list_ids(owner, settings.limits.max_active_jobs_per_key * 4)
-        if (r := store.get(job_id)) and not r.document.status.is_final
-    )
-    if active >= settings.limits.max_active_jobs_per_key:
+        validation.check_dataset_rows(field, found[1], settings.limits)
+        conn.expire(dataset_key(dataset_id), settings.result_ttl_s)
+    cap = settings.limits.max_active_jobs_per_key
+    active = store.active_count(owner)
+    if active >= cap:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
-            f"{active} of your jobs are queued or running; the limit is "
-            f"{settings.limits.max_active_jobs_per_key}",
-            headers={"Retry-After": "10"},
+            f"{active} of your jobs are queued or running; the limit max_active_jobs_per_key "
+            f"is {cap}: wait for one to finish or cancel one",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     doc = store.create(
         kind=job.kind, model=job.model, owner=owner, params=validation.public_params(job)
     )
+    request.state.job_id = doc.id
     try:
         queue.enqueue(conn, job.model, doc.id, settings.job_timeout_s)
     except Exception:
-        store.redis.delete(job_key(doc.id))
+        store.discard(doc.id, owner)
         raise
     doc.queue_position = queue.queue_position(conn, job.model, doc.id)
+    log.info("queued %s on %s", doc.kind, doc.model, extra={"job_id": doc.id})
     return doc
 
 
@@ -105,6 +114,13 @@ def get_job(record: OwnedJobDep, store: StoreDep) -> JobDocument:
     return _with_position(record, store)
 
 
+class _ResultFile(FileResponse):
+    """Streams in 1 MiB reads: starlette's 64 KiB chunks cap loopback downloads near
+    200 MiB/s here (a trip through the ASGI stack per chunk); memory stays one chunk."""
+
+    chunk_size = 1 << 20
+
+
 @router.get(
     "/{job_id}/result",
     response_class=FileResponse,
@@ -123,7 +139,7 @@ def get_result(record: OwnedJobDep, blobs: BlobsDep) -> FileResponse:
     path = blobs.path(doc.id)
     if not path.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"the result of job {doc.id} has expired")
-    return FileResponse(
+    return _ResultFile(
         path, media_type="application/octet-stream", filename=f"{doc.kind}-{doc.id}.safetensors"
     )
 
@@ -135,9 +151,9 @@ def cancel_job(record: OwnedJobDep, store: StoreDep, settings: SettingsDep) -> J
     if doc.status.is_final:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {doc.id} already {doc.status}")
     store.request_cancel(doc.id)
-    if store.transition(doc.id, [JobStatus.QUEUED], JobStatus.CANCELLED, finished_at=now()):
-        store.redis.expire(job_key(doc.id), settings.result_ttl_s)
-        queue.model_queue(store.redis, doc.model).remove(doc.id)
+    if store.cancel_queued(doc.id, settings.result_ttl_s):
+        queue.drop(store.redis, doc.model, doc.id)
+    log.info("cancel requested (was %s)", doc.status)
     updated = store.get(doc.id)
     return updated.document if updated else doc
 
@@ -161,27 +177,36 @@ def _sse(event: str, data: str) -> str:
 
 
 def _event_stream(job_id: str, store: JobStore) -> Iterator[str]:
+    """Status and progress until the job ends; if Redis goes away meanwhile, an ``error``
+    event and the end of the stream (the client reconnects, and gets the current status)."""
     pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(events_channel(job_id))
     try:
-        last = None
-        while True:
-            record = store.get(job_id)
-            if record is None:
-                return
-            doc = _with_position(record, store)
-            if (doc.status, doc.queue_position) != last:
-                last = (doc.status, doc.queue_position)
-                yield _sse("status", doc.model_dump_json())
-            if doc.status.is_final:
-                return
-            message = pubsub.get_message(timeout=SSE_KEEPALIVE_S)
-            if message is None:
-                yield ": keep-alive\n\n"
-            while message is not None:
-                data = json.loads(message["data"])
-                if data.pop("event") == "progress":
-                    yield _sse("progress", json.dumps(data))
-                message = pubsub.get_message(timeout=0)
+        yield from _events(job_id, store, pubsub)
+    except redis.RedisError as exc:
+        log.warning("event stream ended, Redis unavailable: %s", exc)
+        yield _sse("error", json.dumps({"detail": "the job queue (Redis) is unavailable"}))
     finally:
         pubsub.close()
+
+
+def _events(job_id: str, store: JobStore, pubsub: PubSub) -> Iterator[str]:
+    pubsub.subscribe(events_channel(job_id))
+    last = None
+    while True:
+        record = store.get(job_id)
+        if record is None:
+            return
+        doc = _with_position(record, store)
+        if (doc.status, doc.queue_position) != last:
+            last = (doc.status, doc.queue_position)
+            yield _sse("status", doc.model_dump_json())
+        if doc.status.is_final:
+            return
+        message = pubsub.get_message(timeout=SSE_KEEPALIVE_S)
+        if message is None:
+            yield ": keep-alive\n\n"
+        while message is not None:
+            data = json.loads(message["data"])
+            if data.pop("event") == "progress":
+                yield _sse("progress", json.dumps(data))
+            message = pubsub.get_message(timeout=0)

@@ -2,46 +2,68 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
+import redis
 from fastapi import APIRouter, HTTPException, status
 
 from app import queue
-from app.api.deps import OwnerDep, RedisDep, SettingsDep
+from app.api.deps import OwnerDep, RedisDep, SettingsDep, StoreDep
 from app.schemas import ModelInfo, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def _model_info(name: str, source: str, conn, reported: dict, workers: dict) -> ModelInfo:
-    holders = sorted(w for w, info in workers.items() if name in info.get("models", []))
+def _model_info(
+    name: str,
+    source: str,
+    conn: redis.Redis,
+    reported: dict[str, Any],
+    workers: dict[str, dict[str, Any]],
+    running: Counter[str],
+) -> ModelInfo:
+    """Shape as the last worker that loaded it reported; liveness from current heartbeats."""
+    serving = [w for w, info in workers.items() if name in info.get("models", [])]
+    holding = sorted(w for w in serving if name in workers[w].get("resident", []))
     return ModelInfo.model_validate(
         {
             **reported.get(name, {}),
             "name": name,
             "source": source,
-            "resident": holders,
+            "resident": holding,
             "queue_depth": queue.queue_depth(conn, name),
-            "running": queue.running_count(conn, name),
-            "worker_alive": bool(holders),
+            "running": running.get(name, 0),
+            "worker_alive": bool(serving),
         }
     )
 
 
 @router.get("", response_model=ModelList)
-def list_models(_: OwnerDep, settings: SettingsDep, conn: RedisDep) -> ModelList:
-    """Served models: shape (once a worker has loaded them), queue depth, running jobs, workers."""
+def list_models(_: OwnerDep, settings: SettingsDep, conn: RedisDep, store: StoreDep) -> ModelList:
+    """Served models: shape (once a worker has loaded them), jobs queued and running, and
+    whether a live worker serves each (from the workers' heartbeats)."""
     reported, workers = queue.model_infos(conn), queue.live_workers(conn)
+    running = store.running_counts()
     return ModelList(
         models=[
-            _model_info(name, spec.source, conn, reported, workers)
+            _model_info(name, spec.source, conn, reported, workers, running)
             for name, spec in sorted(settings.models.items())
         ]
     )
 
 
 @router.get("/{name}", response_model=ModelInfo)
-def get_model(name: str, _: OwnerDep, settings: SettingsDep, conn: RedisDep) -> ModelInfo:
+def get_model(
+    name: str, _: OwnerDep, settings: SettingsDep, conn: RedisDep, store: StoreDep
+) -> ModelInfo:
     if name not in settings.models:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {name!r} is not served here")
     return _model_info(
-        name, settings.models[name].source, conn, queue.model_infos(conn), queue.live_workers(conn)
+        name,
+        settings.models[name].source,
+        conn,
+        queue.model_infos(conn),
+        queue.live_workers(conn),
+        store.running_counts(),
     )

@@ -1,0 +1,124 @@
+"""Settling jobs whose run ended without an outcome, against a real Redis: lost workers,
+retries, shutdowns, and the guards that keep a stale worker from overwriting a new run."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from app import queue
+from app.core.config import ModelSpec, Settings
+from app.jobstore import JobStore
+from app.maintenance import Reaper, reap_lost_jobs
+from app.schemas import JobStatus
+from workers.process import _Shutdown, served_models
+
+SETTINGS = Settings(result_ttl_s=100, heartbeat_s=0.05)
+
+
+def make(store: JobStore, model: str = "m") -> str:
+    return store.create(kind="chg", model=model, owner="o", params={}).id
+
+
+def test_a_lost_job_fails_with_worker_lost(redis_conn: redis.Redis) -> None:
+    store = JobStore(redis_conn)
+    alive, lost = make(store), make(store)
+    store.start(alive, "w-alive")
+    store.start(lost, "w-dead")
+    queue.heartbeat(redis_conn, "w-alive", {}, ttl_s=10)
+    assert reap_lost_jobs(store, SETTINGS) == [lost]
+    record = store.get(lost)
+    assert record is not None and record.document.status is JobStatus.FAILED
+    assert record.document.error is not None and record.document.error.type == "WorkerLost"
+    assert "w-dead" in record.document.error.message
+    assert 0 < redis_conn.ttl(f"lens:job:{lost}") <= 100
+    still = store.get(alive)
+    assert still is not None and still.document.status is JobStatus.RUNNING
+    assert store.running_counts() == {"m": 1}
+    assert reap_lost_jobs(store, SETTINGS) == []
+
+
+def test_with_retries_a_lost_job_runs_once_more_then_fails(redis_conn: redis.Redis) -> None:
+    store, settings = JobStore(redis_conn), SETTINGS.model_copy(update={"retry_lost_jobs": True})
+    job_id = make(store)
+    store.start(job_id, "w1")
+    assert reap_lost_jobs(store, settings) == [job_id]
+    record = store.get(job_id)
+    assert record is not None and record.document.status is JobStatus.QUEUED
+    assert record.attempts == 1 and record.worker is None and record.document.started_at is None
+    assert queue.model_queue(redis_conn, "m").job_ids == [job_id]
+    assert store.running() == []
+
+    stale = JobStore(redis_conn, worker="w1")
+    assert store.start(job_id, "w2")
+    assert not stale.finish(job_id, JobStatus.SUCCEEDED, ttl_s=100), "w1 no longer holds it"
+    assert reap_lost_jobs(store, settings) == [job_id]
+    record = store.get(job_id)
+    assert record is not None and record.document.status is JobStatus.FAILED
+    assert record.document.error is not None and record.document.error.type == "WorkerLost"
+
+
+def test_no_reaping_right_after_a_redis_outage(redis_conn: redis.Redis) -> None:
+    store = JobStore(redis_conn)
+    job_id = make(store)
+    store.start(job_id, "w-quiet")
+    reap = Reaper(store, SETTINGS)
+    reap.outage()
+    assert reap() == [], "its heartbeat could not be written during the outage"
+    time.sleep(SETTINGS.worker_ttl_s + 0.05)
+    assert reap() == [job_id]
+
+
+def test_shutdown_fails_the_held_job_and_stops_it_locally(redis_conn: redis.Redis) -> None:
+    api, worker = JobStore(redis_conn), JobStore(redis_conn, worker="w1")
+    mine, other = make(api), make(api)
+    worker.start(mine, "w1")
+    api.start(other, "w2")
+    _Shutdown(SETTINGS, "w1", worker).stop_jobs()
+    record = api.get(mine)
+    assert record is not None and record.document.status is JobStatus.FAILED
+    assert record.document.error is not None and record.document.error.type == "WorkerShutdown"
+    assert worker.cancel_requested(mine) and not api.cancel_requested(mine)
+    assert not worker.finish(mine, JobStatus.CANCELLED, ttl_s=100)
+    assert api.get(other).document.status is JobStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_shutdown_with_retries_requeues_and_the_old_run_cannot_end_it(
+    redis_conn: redis.Redis,
+) -> None:
+    settings = SETTINGS.model_copy(update={"retry_lost_jobs": True})
+    worker = JobStore(redis_conn, worker="w1")
+    job_id = make(worker)
+    worker.start(job_id, "w1")
+    _Shutdown(settings, "w1", worker).stop_jobs()
+    assert queue.model_queue(redis_conn, "m").job_ids == [job_id]
+    assert not worker.finish(job_id, JobStatus.CANCELLED, ttl_s=100)
+    assert worker.get(job_id).document.status is JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_cancelling_a_queued_job_removes_it_from_rq(redis_conn: redis.Redis) -> None:
+    store = JobStore(redis_conn)
+    job_id = make(store)
+    queue.enqueue(redis_conn, "m", job_id, timeout_s=60)
+    assert store.active_count("o") == 1
+    assert store.cancel_queued(job_id, ttl_s=100)
+    queue.drop(redis_conn, "m", job_id)
+    assert queue.queue_depth(redis_conn, "m") == 0
+    assert not redis_conn.exists(f"rq:job:{job_id}")
+    assert store.active_count("o") == 0
+    assert not store.cancel_queued(job_id, ttl_s=100)
+
+
+def test_workers_serve_the_models_assigned_to_their_name() -> None:
+    settings = Settings(
+        models={
+            "small": ModelSpec(source="s"),
+            "big": ModelSpec(source="b", workers=["gpu0", "gpu1"]),
+            "other": ModelSpec(source="o", workers=["gpu2"]),
+        }
+    )
+    assert served_models(settings, "gpu0") == ["big", "small"]
+    assert served_models(settings, "gpu2") == ["other", "small"]
+    assert served_models(settings, "cpu") == ["small"]
+    assert served_models(settings, "gpu0", ["other"]) == ["other"]
