@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import errors
-from app.api.routes import datasets, health, jobs, metrics, models
+from app.api.routes import dashboard, datasets, health, jobs, metrics, models
 from app.blobstore import BlobStore
 from app.core.config import Limits, Settings, get_settings
 from app.jobstore import JobStore
@@ -190,6 +190,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         return response
 
-    for module in (jobs, models, datasets, health, metrics):
+    for module in (jobs, models, datasets, health, metrics, dashboard):
         app.include_router(module.router)
     return app
