@@ -2,29 +2,63 @@
 
 RQ imports ``run_job`` by dotted path; the worker process installs its
 :class:`Runtime` (resident models, stores) before it takes any job.
+
+A score or trace job also takes the jobs of its kind queued behind it for the same
+model, up to the model's token budget (``ModelSpec.max_batch_tokens``), and runs them
+all in one padded forward pass (:mod:`workers.batcher`). Each job taken is removed
+from the RQ queue atomically (LREM) before it is marked running, so no other worker
+can run it too; a job it cannot take (cancelled, taken by another worker, invalid,
+over the budget) stays queued and runs alone.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import TypeAdapter, ValidationError
+from rq.job import Job
 from safetensors.torch import save_file
 
+from app import queue
 from app.blobstore import BlobStore, blob_metadata
-from app.jobstore import JobStore
-from app.schemas import JobError, JobKind, JobRequest, JobStatus, TensorInfo
+from app.core.config import Limits
+from app.jobstore import JobStore, job_key
+from app.schemas import JobDocument, JobError, JobKind, JobRequest, JobStatus, TensorInfo
+from workers import batcher, limits
 from workers.context import JobContext
 from workers.handlers import HANDLERS
 from workers.lens.errors import Cancelled, InvalidParameter, LensError
+from workers.lens.loading import LoadedModel
+from workers.lens.results import AnalysisResult
 from workers.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 _requests: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
+
+CLAIM_SCAN = 64
+"""Queued jobs looked at, from the head of the queue, for companions of a batchable job."""
+
+
+@dataclass
+class BatchStats:
+    """Shared forward passes of score and trace jobs, for the worker's heartbeat."""
+
+    passes: int = 0
+    jobs: int = 0
+    batched_jobs: int = 0
+    largest: int = 0
+
+    def record(self, jobs: int) -> None:
+        self.passes += 1
+        self.jobs += jobs
+        self.batched_jobs += jobs if jobs > 1 else 0
+        self.largest = max(self.largest, jobs)
 
 
 @dataclass
@@ -35,6 +69,16 @@ class Runtime:
     blobs: BlobStore
     dataset_dir: Path
     result_ttl_s: int
+    batching: BatchStats = field(default_factory=BatchStats)
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class _Member:
+    """A running job of a shared pass."""
+
+    doc: JobDocument
+    prepared: batcher.Prepared
 
 
 _runtime: Runtime | None = None
@@ -45,8 +89,16 @@ def install(runtime: Runtime) -> None:
     _runtime = runtime
 
 
+def stats() -> dict[str, Any]:
+    """What the heartbeat exports: ``batching`` (BatchStats) and ``registry`` (its stats())."""
+    if _runtime is None:
+        return {}
+    return {"batching": asdict(_runtime.batching), "registry": _runtime.registry.stats()}
+
+
 def run_job(job_id: str) -> None:
-    """Run one job to a final status; every failure ends in the job record, never in RQ."""
+    """Run one job (and the jobs batched with it) to a final status; every failure ends
+    in the job record, never in RQ."""
     if _runtime is None:
         raise RuntimeError("run_job needs a lens worker (lens worker), not a plain rq worker")
     rt = _runtime
@@ -59,35 +111,23 @@ def run_job(job_id: str) -> None:
     doc = record.document
     log.info("job %s: running %s on %s", job_id, doc.kind, doc.model)
     try:
-        job = _requests.validate_python({"kind": doc.kind, "model": doc.model, **doc.params})
+        job = _parse(doc)
+        lm = rt.registry.get(doc.model)
+        limits.check_tokens(job, lm.tokenizer, rt.limits, rt.dataset_dir)
+        leader = _prepare(lm, job)
+        if leader is not None:
+            _run_shared(rt, lm, [_Member(doc, leader), *_claim(rt, lm, doc, leader)])
+            return
         ctx = JobContext(
             job_id=job_id,
             owner=record.owner,
-            lm=rt.registry.get(doc.model),
+            lm=lm,
             store=rt.store,
             blob_dir=rt.blobs.root,
             dataset_dir=rt.dataset_dir,
         )
-        result = HANDLERS[JobKind(doc.kind)](ctx, job)
-        tensors = _storable(result.tensors)
-        temp = rt.blobs.temp_path(job_id)
-        meta = blob_metadata(
-            job_id=job_id, kind=doc.kind, model=doc.model, params=doc.params, summary=result.summary
-        )
-        try:
-            save_file(tensors, str(temp), metadata=meta)
-            rt.blobs.commit(temp, job_id)
-        finally:
-            temp.unlink(missing_ok=True)
-        info = {
-            k: TensorInfo(dtype=str(v.dtype).removeprefix("torch."), shape=list(v.shape))
-            for k, v in tensors.items()
-        }
-        if not rt.store.finish(
-            job_id, JobStatus.SUCCEEDED, summary=result.summary, tensors=info, ttl_s=rt.result_ttl_s
-        ):
-            rt.blobs.delete(job_id)
-        log.info("job %s: succeeded", job_id)
+        _deliver(rt, doc, HANDLERS[JobKind(doc.kind)](ctx, job))
+        return
     except Cancelled:
         rt.store.finish(job_id, JobStatus.CANCELLED, ttl_s=rt.result_ttl_s)
         log.info("job %s: cancelled", job_id)
@@ -95,8 +135,132 @@ def run_job(job_id: str) -> None:
         _fail(rt, job_id, exc)
         if not isinstance(exc, Exception):
             raise
-    finally:
+    # Only after a failure or a cancel, and outside the except clause: the traceback's frames
+    # may hold the job's tensors. A full collection costs ~0.2 s with torch loaded, too much
+    # for every job; after a success, reference counting has already freed everything.
+    _free_memory()
+
+
+def _parse(doc: JobDocument) -> JobRequest:
+    return _requests.validate_python({"kind": doc.kind, "model": doc.model, **doc.params})
+
+
+def _prepare(lm: LoadedModel, job: JobRequest) -> batcher.Prepared | None:
+    """The job ready for a shared pass; ``None`` if it is not batchable or is invalid (its
+    handler then runs it alone and reports its error)."""
+    if not batcher.batchable(job):
+        return None
+    try:
+        return batcher.prepare(lm, job)
+    except LensError:
+        return None
+
+
+def _claim(
+    rt: Runtime, lm: LoadedModel, doc: JobDocument, leader: batcher.Prepared
+) -> list[_Member]:
+    """Take queued jobs of ``doc``'s kind and model that fit the model's token budget."""
+    budget = rt.registry.specs[doc.model].max_batch_tokens
+    chosen = [leader]
+    conn = rt.store.redis
+    queue_key = queue.model_queue(conn, doc.model).key
+    ids = [i.decode() for i in conn.lrange(queue_key, 0, CLAIM_SCAN - 1)]
+    pipe = conn.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(job_key(job_id), "kind", "status")
+    members: list[_Member] = []
+    for job_id, (kind, status) in zip(ids, pipe.execute(), strict=True):
+        if batcher.is_full(chosen, budget):
+            break
+        if kind is None or kind.decode() != doc.kind or status != JobStatus.QUEUED.encode():
+            continue
+        record = rt.store.get(job_id)
+        if record is None:
+            continue
+        try:
+            companion = _parse(record.document)
+            limits.check_tokens(companion, lm.tokenizer, rt.limits, rt.dataset_dir)
+            prepared = _prepare(lm, companion)
+        except Exception:  # it fails alone, with its own error, in its turn
+            continue
+        if prepared is None or batcher.padded_tokens([*chosen, prepared]) > budget:
+            continue
+        if _take(rt, queue_key, job_id):
+            chosen.append(prepared)
+            members.append(_Member(record.document, prepared))
+            log.info(
+                "job %s: running %s on %s, batched with %s", job_id, doc.kind, doc.model, doc.id
+            )
+    return members
+
+
+def _take(rt: Runtime, queue_key: str, job_id: str) -> bool:
+    """Take a queued job off its RQ queue and mark it ours; False if someone was first."""
+    conn = rt.store.redis
+    if conn.lrem(queue_key, 1, job_id) != 1:
+        return False
+    conn.delete(Job.key_for(job_id))
+    return rt.store.start(job_id, rt.worker_name)
+
+
+def _run_shared(rt: Runtime, lm: LoadedModel, members: list[_Member]) -> None:
+    """One forward pass for all ``members``, then each job's result stored or its error
+    recorded. If the shared pass fails (out of memory, or any error one job may have
+    caused), each job runs again on its own, so one job's failure fails only that job."""
+    items = [m.prepared for m in members]
+    try:
+        shared = batcher.forward(lm, items)
+    except Exception as exc:
+        if len(members) == 1:
+            raise
+        log.warning("shared pass of %d jobs failed (%s); running them one by one", len(items), exc)
+        shared = None
+    if shared is None:
         _free_memory()
+        for member in members:
+            try:
+                _run_shared(rt, lm, [member])
+            except Exception as exc:
+                _fail(rt, member.doc.id, exc)
+        return
+    rt.batching.record(len(members))
+    failed = False
+    for member, outcome in zip(members, batcher.results(lm, items, shared), strict=True):
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            _deliver(rt, member.doc, outcome)
+        except Exception as exc:
+            _fail(rt, member.doc.id, exc)
+            failed = True
+    if failed:
+        del shared, outcome
+        _free_memory()
+
+
+def _deliver(rt: Runtime, doc: JobDocument, result: AnalysisResult) -> None:
+    """Write the blob atomically, then mark the job succeeded (or drop the blob if it
+    ended meanwhile)."""
+    tensors = _storable(result.tensors)
+    limits.check_result_size(tensors, rt.limits)
+    temp = rt.blobs.temp_path(doc.id)
+    meta = blob_metadata(
+        job_id=doc.id, kind=doc.kind, model=doc.model, params=doc.params, summary=result.summary
+    )
+    try:
+        save_file(tensors, str(temp), metadata=meta)
+        rt.blobs.commit(temp, doc.id)
+    finally:
+        temp.unlink(missing_ok=True)
+    info = {
+        k: TensorInfo(dtype=str(v.dtype).removeprefix("torch."), shape=list(v.shape))
+        for k, v in tensors.items()
+    }
+    if not rt.store.finish(
+        doc.id, JobStatus.SUCCEEDED, summary=result.summary, tensors=info, ttl_s=rt.result_ttl_s
+    ):
+        rt.blobs.delete(doc.id)
+    log.info("job %s: succeeded", doc.id)
 
 
 def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,8 +279,12 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _fail(rt: Runtime, job_id: str, exc: BaseException) -> None:
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-        error = JobError(type="OutOfMemory", message=f"out of memory: {exc}".strip())
+    if limits.is_out_of_memory(exc):
+        record = rt.store.get(job_id)
+        kind, params = (record.document.kind, record.document.params) if record else ("job", {})
+        error = JobError(
+            type="OutOfMemory", message=limits.out_of_memory_message(kind, params, exc)
+        )
     elif isinstance(exc, InvalidParameter | ValidationError):
         error = JobError(type="InvalidParameter", message=str(exc))
     elif isinstance(exc, LensError):
@@ -129,5 +297,6 @@ def _fail(rt: Runtime, job_id: str, exc: BaseException) -> None:
 
 
 def _free_memory() -> None:
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,0 +1,5 @@
+"""``python -m bench``: run the whole suite (see ``bench.suite``)."""
+
+from bench.suite import main
+
+main()

@@ -1,0 +1,447 @@
+"""The benchmark suite: a real service on one machine, measured the way its users see it.
+
+Sections (each a function returning table rows):
+
+- round-trip latency of small jobs (p50, p95), submission to downloaded result;
+- overhead: a score job of 8 texts × 64 tokens through the service versus the plain
+  forward pass of the same batch in this process, on the same device;
+- throughput of 16 one-text score jobs: one after another, all at once with batching,
+  and all at once without it (the same model served with a one-token budget);
+- CHG fit time against the seed library (``bench/chg_vs_seed.py``, skipped with a
+  note when ``inteprelens`` is not installed);
+- download throughput of a 1 GiB result over loopback, and the API process's memory
+  growth while it streams it;
+- on CUDA: the worker's and this process's peak CUDA memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+
+from app import queue
+from app.blobstore import BlobStore, blob_metadata
+from app.core.config import Limits, ModelSpec, Settings
+from app.core.redis_server import free_port
+from app.jobstore import ANONYMOUS, JobStore
+from app.schemas import JobStatus, TensorInfo
+from app.stack import Stack
+from bench.client import BenchClient
+from bench.models import GEOMETRY, build_bench_model, texts_of_length
+from bench.report import Row, machine, table, write_results
+from workers.lens.loading import LoadedModel, load_model
+
+BATCHED = "bench"
+SOLO = "bench-solo"
+"""The same model served with a one-token budget: every job runs in a pass of its own."""
+REPO = Path(__file__).resolve().parent.parent
+SEED_PYTHON_ENV = "LENS_BENCH_SEED_PYTHON"
+SEED_VENV = Path("/tmp/seedenv/bin/python")
+GIB = 1 << 30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of timed comparisons")
+    parser.add_argument("--download-gib", type=float, default=1.0, help="size of the big result")
+    parser.add_argument("--no-seed", action="store_true", help="skip the CHG comparison")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="lens-bench-") as tmp:
+        root = Path(tmp)
+        model_dir = build_bench_model(root / "model")
+        lm = load_model(str(model_dir))
+        settings = Settings(
+            redis_url="redis://unused",
+            data_dir=root / "data",
+            models={
+                BATCHED: ModelSpec(source=str(model_dir)),
+                SOLO: ModelSpec(source=str(model_dir), max_batch_tokens=1),
+            },
+            port=free_port(),
+            heartbeat_s=1.0,
+            limits=Limits(max_texts=64, max_active_jobs_per_key=10_000),
+        )
+        stack = Stack(settings)
+        client = None
+        try:
+            stack.start(workers=1)
+            stack.wait_ready(timeout=300)
+            client = BenchClient(stack.url)
+            rows = _run_sections(args, stack, client, lm)
+        finally:
+            if client is not None:
+                client.close()
+            stack.stop()
+    g = GEOMETRY
+    setup = {
+        "model": f"random Llama, {g['num_hidden_layers']} layers, hidden {g['hidden_size']}, "
+        f"MLP {g['intermediate_size']}, {g['num_attention_heads']} heads, vocabulary "
+        f"{g['vocab_size']} ({_params(lm) / 1e6:.1f} M parameters), "
+        f"{str(lm.dtype).removeprefix('torch.')} on {lm.device}",
+        "service": "app.stack.Stack: its own Redis, 1 worker, the API (uvicorn), on this machine",
+        "client": "httpx: POST /v1/jobs, wait on GET /v1/jobs/{id}/events (SSE); the result "
+        "streamed with http.client",
+        "load average (1 min) at start, end": f"{load_before:.2f}, {os.getloadavg()[0]:.2f}",
+    }
+    print()
+    print(table(rows))
+    path = write_results(rows, setup, time.perf_counter() - started)
+    print(f"\nwritten to {path}; machine: {json.dumps(machine())}")
+
+
+def _run_sections(
+    args: argparse.Namespace, stack: Stack, client: BenchClient, lm: LoadedModel
+) -> list[Row]:
+    sections: list[tuple[str, Callable[[], list[Row]]]] = [
+        ("latency", lambda: small_job_latency(client, lm)),
+        ("overhead", lambda: overhead(client, lm, args.repeats)),
+        ("throughput", lambda: throughput(client, stack, lm, max(3, args.repeats // 2))),
+        ("chg", lambda: chg_vs_seed(args.no_seed)),
+        ("download", lambda: big_download(client, stack, int(args.download_gib * GIB))),
+    ]
+    if torch.cuda.is_available():
+        sections.append(("cuda", lambda: cuda_memory(stack)))
+    rows: list[Row] = []
+    for name, section in sections:
+        began = time.perf_counter()
+        print(f"[bench] {name}…", flush=True)
+        new = section()
+        for row in new:
+            print(f"[bench]   {row.measure}: {row.value}  {row.detail}", flush=True)
+        print(f"[bench] {name} took {time.perf_counter() - began:.1f} s", flush=True)
+        rows += new
+    return rows
+
+
+def small_job_latency(client: BenchClient, lm: LoadedModel, count: int = 40) -> list[Row]:
+    """Sequential one-text score jobs: the service's fixed cost per job."""
+    text = "the capital of France is"
+    body = {"kind": "score", "model": BATCHED, "texts": text}
+    for _ in range(3):
+        client.round_trip(body)
+    seconds = sorted(client.round_trip(body).seconds for _ in range(count))
+    p50, p95 = _quantile(seconds, 0.5), _quantile(seconds, 0.95)
+    tokens = len(lm.tokenizer(text)["input_ids"])
+    what = f"score, 1 text of {tokens} tokens, submit → SSE → download; {count} in a row"
+    return [
+        Row("small job round trip, p50", f"{p50 * 1e3:.1f} ms", what),
+        Row("small job round trip, p95", f"{p95 * 1e3:.1f} ms", ""),
+    ]
+
+
+def overhead(client: BenchClient, lm: LoadedModel, repeats: int) -> list[Row]:
+    """A compute-bound score job through the service versus its bare forward pass: with
+    its full logits (a 17 MB result), and with the final token's only (0.3 MB)."""
+    texts = texts_of_length(lm.tokenizer, 8, 64, seed=1)
+    enc = lm.tokenizer(texts, padding=True, return_tensors="pt").to(lm.device)
+    bodies = {
+        "full": {"kind": "score", "model": BATCHED, "texts": texts},
+        "final": {"kind": "score", "model": BATCHED, "texts": texts, "final_token_only": True},
+    }
+
+    def forward() -> float:
+        _sync()
+        began = time.perf_counter()
+        with torch.inference_mode():
+            lm.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        _sync()
+        return time.perf_counter() - began
+
+    for _ in range(2):
+        forward()
+        for body in bodies.values():
+            client.round_trip(body)
+    local: list[float] = []
+    served: dict[str, list[float]] = {name: [] for name in bodies}
+    ratios: dict[str, list[float]] = {name: [] for name in bodies}
+    sizes: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, body in bodies.items():
+            local.append(forward())
+            trip = client.round_trip(body)
+            served[name].append(trip.seconds)
+            ratios[name].append(trip.seconds / local[-1])
+            sizes[name] = trip.result_bytes
+    bare = statistics.median(local)
+    full, final = statistics.median(served["full"]), statistics.median(served["final"])
+    paired = "median over pairs (a forward pass, then the job right after it)"
+    return [
+        Row(
+            "in-process forward, 8 × 64 tokens",
+            f"{bare * 1e3:.1f} ms",
+            f"median of {len(local)}; `model(input_ids, attention_mask)` in this process",
+        ),
+        Row(
+            "same batch as a score job",
+            f"{full * 1e3:.1f} ms",
+            f"median of {repeats}; submit → SSE → download of {sizes['full'] / 1e6:.1f} MB",
+        ),
+        Row(
+            "overhead ratio (service / in-process)",
+            f"{statistics.median(ratios['full']):.2f}×",
+            f"{paired}; target ≤ 1.25×",
+        ),
+        Row(
+            "same job, final_token_only",
+            f"{final * 1e3:.1f} ms ({statistics.median(ratios['final']):.2f}×)",
+            f"median of {repeats}; a {sizes['final'] / 1e6:.2f} MB result; ratio as above",
+        ),
+    ]
+
+
+def throughput(client: BenchClient, stack: Stack, lm: LoadedModel, repeats: int) -> list[Row]:
+    """16 one-text score jobs: sequential, concurrent with batching, concurrent without."""
+    texts = texts_of_length(lm.tokenizer, 16, 32, seed=2)
+
+    def bodies(model: str) -> list[dict[str, Any]]:
+        return [{"kind": "score", "model": model, "texts": t} for t in texts]
+
+    def sequential(model: str) -> float:
+        began = time.perf_counter()
+        for body in bodies(model):
+            client.round_trip(body)
+        return time.perf_counter() - began
+
+    def concurrent(model: str) -> float:
+        began = time.perf_counter()
+        with ThreadPoolExecutor(len(texts)) as pool:
+            list(pool.map(client.round_trip, bodies(model)))
+        return time.perf_counter() - began
+
+    before = _batching(stack)
+    runs: dict[str, list[float]] = {"sequential": [], "batched": [], "solo": []}
+    for _ in range(repeats):
+        runs["sequential"].append(sequential(BATCHED))
+        runs["batched"].append(concurrent(BATCHED))
+        runs["solo"].append(concurrent(SOLO))
+    time.sleep(1.5 * stack.settings.heartbeat_s)  # the counters travel with the heartbeat
+    after = _batching(stack)
+    seq, bat, solo = (statistics.median(runs[k]) for k in ("sequential", "batched", "solo"))
+    n = len(texts)
+    shared = after.get("batched_jobs", 0) - before.get("batched_jobs", 0)
+    passes = after.get("passes", 0) - before.get("passes", 0)
+    return [
+        Row(
+            "16 score jobs one after another",
+            f"{seq:.2f} s ({n / seq:.1f} jobs/s)",
+            f"1 text of 32 tokens each; median of {repeats}",
+        ),
+        Row(
+            "16 score jobs at once, batched",
+            f"{bat:.2f} s ({n / bat:.1f} jobs/s)",
+            f"{seq / bat:.1f}× faster than one after another (target ≥ 2×)",
+        ),
+        Row(
+            "16 score jobs at once, not batched",
+            f"{solo:.2f} s ({n / solo:.1f} jobs/s)",
+            f"batching gains {solo / bat:.1f}×; over the whole section the worker ran "
+            f"{passes} passes, {shared} jobs in shared ones",
+        ),
+    ]
+
+
+def chg_vs_seed(skip: bool) -> list[Row]:
+    """``bench/chg_vs_seed.py`` in an interpreter that has ``inteprelens``, if there is one."""
+    name = "CHG fit, lens-server vs inteprelens"
+    python = None if skip else _seed_python()
+    if python is None:
+        why = "skipped (--no-seed)" if skip else "skipped: inteprelens is not installed"
+        note = f"install it as bench/chg_vs_seed.py says, or set {SEED_PYTHON_ENV}"
+        return [Row(name, why, note)]
+    params = ["--num-masks", "2", "--updates", "10", "--repeats", "3", "--examples", "16"]
+    done = subprocess.run(
+        [python, "bench/chg_vs_seed.py", *params],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or "{" not in lines:
+        return [Row(name, "failed", (done.stderr.strip().splitlines() or ["?"])[-1][:200])]
+    report = json.loads("\n".join(lines[len(lines) - 1 - lines[::-1].index("{") :]))
+    wall, cpu = report["median"]["seconds"], report["median"]["cpu_seconds"]
+    what = (
+        f"demo model on CPU, {report['examples']} examples, {report['num_masks']} masks, "
+        f"{report['num_updates']} + {report['num_reg_updates']} updates, batch "
+        f"{report['batch_size']}, {report['threads']} threads"
+    )
+    return [
+        Row(
+            "CHG fit, inteprelens 0.2.1",
+            f"{wall['seed']:.2f} s",
+            f"{what}; CPU {cpu['seed']:.2f} s",
+        ),
+        Row(
+            "CHG fit, lens-server core",
+            f"{wall['ours']:.2f} s",
+            f"CPU {cpu['ours']:.2f} s; {wall['seed'] / wall['ours']:.2f}× the seed's speed "
+            f"by wall clock, {cpu['seed'] / cpu['ours']:.2f}× by CPU time",
+        ),
+    ]
+
+
+def big_download(client: BenchClient, stack: Stack, size: int) -> list[Row]:
+    """A crafted ``size``-byte result, streamed; the API's RSS sampled meanwhile."""
+    conn = redis.Redis.from_url(stack.settings.redis_url)
+    store = JobStore(conn)
+    doc = store.create(kind="score", model=BATCHED, owner=ANONYMOUS, params={"texts": "crafted"})
+    _write_blob(BlobStore(stack.settings.blob_dir), doc.id, size)
+    store.start(doc.id, "bench")
+    info = {"blob": TensorInfo(dtype="uint8", shape=[size])}
+    store.finish(doc.id, JobStatus.SUCCEEDED, summary={}, tensors=info, ttl_s=3600)
+    if stack.api is None:
+        raise RuntimeError("the API is not running")
+    client.http.get("/healthz")
+    sampler = _RssSampler(stack.api.pid)
+    sampler.start()
+    began = time.perf_counter()
+    got = client.download(doc.id)
+    seconds = time.perf_counter() - began
+    sampler.stop()
+    BlobStore(stack.settings.blob_dir).delete(doc.id)
+    conn.close()
+    if got < size:
+        raise RuntimeError(f"downloaded {got} of {size} bytes")
+    growth = (sampler.peak - sampler.baseline) / 2**20
+    return [
+        Row(
+            "result download throughput",
+            f"{got / seconds / 2**20:.0f} MiB/s",
+            f"{got / GIB:.2f} GiB over loopback in {seconds:.2f} s (FileResponse from disk)",
+        ),
+        Row(
+            "API memory growth while streaming it",
+            f"{growth:.1f} MiB",
+            f"RSS {sampler.baseline / 2**20:.0f} → peak {sampler.peak / 2**20:.0f} MiB; "
+            "limit 100 MiB",
+        ),
+    ]
+
+
+def cuda_memory(stack: Stack) -> list[Row]:
+    """Peak CUDA memory: the worker's (from its heartbeat) and this process's baseline runs."""
+    conn = redis.Redis.from_url(stack.settings.redis_url)
+    workers = queue.live_workers(conn)
+    conn.close()
+    peaks = [w.get("registry", {}).get("cuda_max_allocated_bytes") for w in workers.values()]
+    worker_peak = max((p for p in peaks if p is not None), default=None)
+    rows = [
+        Row(
+            "CUDA memory, in-process baseline (peak)",
+            f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB",
+            "",
+        )
+    ]
+    if worker_peak is not None:
+        rows.append(Row("CUDA memory, worker (peak)", f"{worker_peak / 2**20:.0f} MiB", ""))
+    return rows
+
+
+def _write_blob(blobs: BlobStore, job_id: str, size: int) -> None:
+    """A valid safetensors file with one uint8 tensor of ``size`` bytes, written in chunks."""
+    meta = blob_metadata(job_id=job_id, kind="score", model=BATCHED, params={}, summary={})
+    header = json.dumps(
+        {"__metadata__": meta, "blob": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    chunk = os.urandom(1 << 24)
+    temp = blobs.temp_path(job_id)
+    with open(temp, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for start in range(0, size, len(chunk)):
+            f.write(chunk[: size - start])
+    blobs.commit(temp, job_id)
+
+
+class _RssSampler(threading.Thread):
+    """Peak resident set size of a process, sampled every 5 ms (Linux /proc)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.baseline = self.peak = _rss(pid)
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.005):
+            self.peak = max(self.peak, _rss(self.pid))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self.peak = max(self.peak, _rss(self.pid))
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def _seed_python() -> str | None:
+    """An interpreter that can import inteprelens: $LENS_BENCH_SEED_PYTHON, this one, or the
+    scratch virtualenv that bench/chg_vs_seed.py suggests."""
+    configured = os.environ.get(SEED_PYTHON_ENV)
+    if configured:
+        return configured
+    if importlib.util.find_spec("inteprelens") is not None:
+        return sys.executable
+    if SEED_VENV.is_file():
+        probe = subprocess.run(
+            [SEED_VENV, "-c", "import inteprelens, workers"],
+            cwd=REPO,
+            check=False,
+            capture_output=True,
+        )
+        if probe.returncode == 0:
+            return str(SEED_VENV)
+    return None
+
+
+def _batching(stack: Stack) -> dict[str, int]:
+    """The worker's batching counters, from its latest heartbeat."""
+    conn = redis.Redis.from_url(stack.settings.redis_url)
+    workers = queue.live_workers(conn)
+    conn.close()
+    totals: dict[str, int] = {}
+    for info in workers.values():
+        for key, value in info.get("batching", {}).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank quantile of an already sorted list."""
+    index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _params(lm: LoadedModel) -> int:
+    return sum(p.numel() for p in lm.model.parameters())

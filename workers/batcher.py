@@ -1,0 +1,261 @@
+"""Several score or trace jobs of one model in one padded forward pass, split back per job.
+
+Each job is first validated and tokenised on its own (:func:`prepare`), with the same
+checks its handler makes; a job that fails there is not batched, and fails alone with
+its own error. The shared pass right-pads every job's rows to the longest one. With
+causal attention and the attention mask, padding never reaches a real token, and the
+pad positions a job would have had alone see the same tokens, so a job's rows cut back
+to its own padded length hold what its own pass computes (up to the float rounding of
+differently shaped matrix products). Each job then gets its own temperature, top-k,
+final-token-only, layers, sites, positions and dtype, as :func:`workers.lens.scoring.score`
+and :func:`workers.lens.tracing.trace` apply them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TypeGuard
+
+import torch
+
+from app.schemas import JobRequest, ScoreJob, TraceJob
+from workers.lens.batching import TextBatch, encode_texts, token_strings
+from workers.lens.errors import InvalidParameter
+from workers.lens.loading import DTYPES, LoadedModel
+from workers.lens.results import AnalysisResult
+from workers.lens.sites import LAYER_SITES, SITES
+from workers.lens.tracing import (
+    CAPTURABLE_SITES,
+    position_index,
+    record_sites,
+    resolve_layers,
+    resolve_sites,
+    select_positions,
+)
+
+BatchableJob = ScoreJob | TraceJob
+
+
+def batchable(job: JobRequest) -> TypeGuard[BatchableJob]:
+    """Score jobs, and trace jobs without gradients (those need a pass of their own)."""
+    return isinstance(job, ScoreJob) or (isinstance(job, TraceJob) and job.gradients is None)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One job, validated and tokenised, ready to share a forward pass.
+
+    ``batch`` is the job's own right-padded batch [rows, length] on the model's device;
+    for a trace, ``index`` [rows, k] holds the kept positions (``None``: all of them).
+    """
+
+    job: BatchableJob
+    batch: TextBatch
+    layers: tuple[int, ...] = ()
+    sites: tuple[str, ...] = ()
+    index: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.batch.input_ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.batch.input_ids.shape[1]
+
+
+def prepare(lm: LoadedModel, job: BatchableJob) -> Prepared:
+    """Validate and tokenise ``job`` as its handler would; raises what the handler raises."""
+    if isinstance(job, ScoreJob):
+        t = job.temperature
+        if not (math.isfinite(t) and t > 0):
+            raise InvalidParameter("temperature", f"must be a finite number > 0, got {t!r}")
+        vocab = lm.adapter.vocab_size
+        if job.top_k is not None and not 1 <= job.top_k <= vocab:
+            raise InvalidParameter("top_k", f"must be an integer in [1, {vocab}], got {job.top_k}")
+        return Prepared(job=job, batch=_encode(lm, job))
+    layers = resolve_layers(lm.adapter, job.layers)
+    sites = resolve_sites(job.sites)
+    batch = _encode(lm, job)
+    return Prepared(
+        job=job,
+        batch=batch,
+        layers=tuple(layers),
+        sites=tuple(sites),
+        index=position_index(batch.attention_mask, job.positions),
+    )
+
+
+def _encode(lm: LoadedModel, job: BatchableJob) -> TextBatch:
+    return encode_texts(lm.tokenizer, job.text_list(), lm.device, lm.max_context)
+
+
+def padded_tokens(items: Sequence[Prepared]) -> int:
+    """Tokens of the shared pass, padding included: rows × the longest job's length."""
+    return sum(i.rows for i in items) * max((i.length for i in items), default=0)
+
+
+def is_full(items: Sequence[Prepared], budget: int) -> bool:
+    """True when not even one more one-token text would fit in ``budget`` tokens."""
+    return (sum(i.rows for i in items) + 1) * max(i.length for i in items) > budget
+
+
+@dataclass(frozen=True)
+class SharedPass:
+    """What the shared forward pass produced, for all jobs' rows in order.
+
+    ``logits`` [rows, seq, vocab]; ``captured`` the traced sites [rows, seq, width]
+    (the union of the trace jobs' layers and sites; empty for score jobs).
+    """
+
+    logits: torch.Tensor
+    captured: dict[str, torch.Tensor]
+
+
+def forward(lm: LoadedModel, items: Sequence[Prepared]) -> SharedPass:
+    """Run all ``items`` in one right-padded forward pass."""
+    combined = _combine(items, lm.tokenizer.pad_token_id, lm.device)
+    traces = [i for i in items if isinstance(i.job, TraceJob)]
+    layers = sorted({layer for i in traces for layer in i.layers})
+    wanted = {s for i in traces for s in i.sites}
+    if "logits" in wanted:
+        wanted.add("block_output")
+    sites = [s for s in CAPTURABLE_SITES if s in wanted]
+    with torch.inference_mode():
+        recording = record_sites(lm.adapter, layers, sites) if traces else nullcontext({})
+        with recording as captured:
+            logits = lm.model(
+                input_ids=combined.input_ids, attention_mask=combined.attention_mask
+            ).logits
+    return SharedPass(logits=logits, captured=captured)
+
+
+def results(
+    lm: LoadedModel, items: Sequence[Prepared], shared: SharedPass
+) -> Iterator[AnalysisResult | Exception]:
+    """Each job's result in turn (or the error of its own split), as if it had run alone.
+
+    One at a time, so that a caller storing each before taking the next holds at most
+    one job's result beside the shared pass.
+    """
+    start = 0
+    for item in items:
+        rows = slice(start, start + item.rows)
+        start += item.rows
+        outcome: AnalysisResult | Exception
+        with torch.inference_mode():
+            try:
+                if isinstance(item.job, ScoreJob):
+                    raw = shared.logits[rows, : item.length]
+                    outcome = _score_result(lm, item, item.job, raw)
+                else:
+                    outcome = _trace_result(lm, item, item.job, shared, rows)
+            except Exception as exc:  # one job's split failing must not fail the others
+                outcome = exc
+        yield outcome
+
+
+def run_batch(lm: LoadedModel, items: Sequence[Prepared]) -> list[AnalysisResult | Exception]:
+    """:func:`forward` then all :func:`results`; an error of the shared pass is raised."""
+    return list(results(lm, items, forward(lm, items)))
+
+
+def _combine(items: Sequence[Prepared], pad_id: int, device: torch.device) -> TextBatch:
+    """All jobs' rows, in order, right-padded to the longest: [sum of rows, max length]."""
+    rows, length = sum(i.rows for i in items), max(i.length for i in items)
+    if len(items) == 1:
+        return items[0].batch
+    ids = torch.full((rows, length), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((rows, length), dtype=items[0].batch.attention_mask.dtype, device=device)
+    start = 0
+    for item in items:
+        ids[start : start + item.rows, : item.length] = item.batch.input_ids
+        mask[start : start + item.rows, : item.length] = item.batch.attention_mask
+        start += item.rows
+    return TextBatch(input_ids=ids, attention_mask=mask)
+
+
+def _score_result(
+    lm: LoadedModel, item: Prepared, job: ScoreJob, raw: torch.Tensor
+) -> AnalysisResult:
+    """What ``score`` returns for this job, from its rows of the shared logits
+    [rows, length, vocab]."""
+    t = job.temperature
+    rows = torch.arange(item.rows, device=raw.device)
+    tensors: dict[str, torch.Tensor] = {}
+    final = raw[rows, item.batch.last_positions].float() / t
+    if not job.final_token_only and job.top_k is None:
+        # x / 1.0 == x exactly: skip a copy of the largest tensor at the default temperature
+        tensors["logits"] = raw.float() if t == 1 else raw.float() / t
+    elif not job.final_token_only:
+        values, ids = raw.topk(job.top_k, dim=-1)
+        tensors["top_k_logits"] = values.float() / t
+        tensors["top_k_ids"] = ids
+    best_prob, best_id = final.softmax(dim=-1).max(dim=-1)
+    tensors |= {
+        "final_token_logits": final,
+        "input_ids": item.batch.input_ids,
+        "attention_mask": item.batch.attention_mask,
+    }
+    summary = {
+        "temperature": t,
+        "final_token_only": job.final_token_only,
+        "top_k": job.top_k,
+        "texts": [
+            {
+                "num_tokens": n,
+                "next_token": lm.tokenizer.decode([token]),
+                "next_token_id": token,
+                "next_token_prob": prob,
+            }
+            for n, token, prob in zip(
+                item.batch.lengths.tolist(), best_id.tolist(), best_prob.tolist(), strict=True
+            )
+        ],
+    }
+    return AnalysisResult(
+        tensors={k: v.detach().cpu().contiguous() for k, v in tensors.items()}, summary=summary
+    )
+
+
+def _trace_result(
+    lm: LoadedModel,
+    item: Prepared,
+    job: TraceJob,
+    shared: SharedPass,
+    rows: slice,
+) -> AnalysisResult:
+    """What ``trace`` returns for this job, from the shared pass's [all rows, seq, …] tensors."""
+    index = item.index
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        own = t[rows, : item.length]
+        return own if index is None else select_positions(own, index)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for site in item.sites:
+        for layer in item.layers if site in LAYER_SITES else [None]:
+            name = SITES[site].tensor_name(layer)
+            if site == "logits":
+                block_output = shared.captured[f"block_output.{layer}"]
+                tensors[name] = lm.adapter.unembed(keep(block_output))
+            else:
+                tensors[name] = keep(shared.captured[name])
+    out_dtype = DTYPES[job.dtype.value]
+    result = {k: v.to(out_dtype).cpu().contiguous() for k, v in tensors.items()}
+    result["final_logits"] = keep(shared.logits).float().cpu().contiguous()
+    result["input_ids"] = item.batch.input_ids.cpu()
+    result["attention_mask"] = item.batch.attention_mask.cpu()
+    if index is not None:
+        result["positions"] = index.cpu()
+    summary = {
+        "layers": list(item.layers),
+        "sites": list(item.sites),
+        "positions": job.positions,
+        "dtype": job.dtype.value,
+        "tokens": token_strings(lm.tokenizer, item.batch),
+    }
+    return AnalysisResult(tensors=result, summary=summary)
