@@ -149,6 +149,10 @@ def models_call() -> Call:
     return Call("GET", "/v1/models")
 
 
+def model_call(name: str) -> Call:
+    return Call("GET", f"/v1/models/{name}")
+
+
 def dataset_call(source: DatasetSource, fmt: str | None = None) -> Call:
     """Upload a data set: a .jsonl/.tsv path, rows of ``{"prompt", "target"}``, or bytes + fmt."""
     if isinstance(source, list):

@@ -1,0 +1,300 @@
+"""One parameter builder per job kind, with the seed ``LensAPI``'s argument names.
+
+The sync and async model handles turn each builder into a method (see
+:func:`method_like`), so every signature is written once. ``None`` means "the
+server's default", so defaults live only in the server's schema.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from app.client._wait import ProgressCallback
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class WaitOptions:
+    """How a blocking call waits: progress bar (None: the client's default), callback, timeout."""
+
+    progress: bool | None = None
+    on_progress: ProgressCallback | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    kind: str
+    params: dict[str, Any]
+    wait: WaitOptions
+
+
+def jsonable(value: Any) -> Any:
+    """Tensors and arrays become nested lists; jobs and results become their job id."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    for attr in ("job_id", "id"):
+        if isinstance(getattr(value, attr, None), str):
+            return getattr(value, attr)
+    return value
+
+
+def params(**values: Any) -> dict[str, Any]:
+    """The given (non-None) parameters, JSON-ready."""
+    return {k: jsonable(v) for k, v in values.items() if v is not None}
+
+
+def _listed(texts: str | list[str] | None) -> list[str] | None:
+    return [texts] if isinstance(texts, str) else texts
+
+
+def chg(
+    texts: str | list[str] | None = None,
+    targets: str | list[str] | None = None,
+    *,
+    dataset: str | None = None,
+    pattern: str | None = None,
+    num_samples: int | None = None,
+    max_length: int | None = None,
+    num_masks: int | None = None,
+    num_updates: int | None = None,
+    num_reg_updates: int | None = None,
+    batch_size: int | None = None,
+    l1_weight: float | None = None,
+    lr: float | None = None,
+    lr_end: float | None = None,
+    gradient_accum_steps: int | None = None,
+    seed: int | None = None,
+    threshold: float | None = None,
+    record_history: bool | None = None,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    timeout: float | None = None,
+) -> JobSpec:
+    """Fit Causal Head Gating masks (stages none, positive, negative); blocks until done.
+
+    Give ``texts`` and ``targets``, a ``dataset`` id, or a ``pattern`` ("aba" or
+    "abb") with ``num_samples``. Returns a ``ChgResult``.
+    """
+    return JobSpec(
+        "chg",
+        params(
+            texts=_listed(texts),
+            targets=_listed(targets),
+            dataset=dataset,
+            pattern=pattern,
+            num_samples=num_samples,
+            max_length=max_length,
+            num_masks=num_masks,
+            num_updates=num_updates,
+            num_reg_updates=num_reg_updates,
+            batch_size=batch_size,
+            l1_weight=l1_weight,
+            lr=lr,
+            lr_end=lr_end,
+            gradient_accum_steps=gradient_accum_steps,
+            seed=seed,
+            threshold=threshold,
+            record_history=record_history,
+        ),
+        WaitOptions(progress, on_progress, timeout),
+    )
+
+
+def cchg(
+    retain_texts: list[str] | None = None,
+    retain_targets: list[str] | None = None,
+    forget_texts: list[str] | None = None,
+    forget_targets: list[str] | None = None,
+    *,
+    retain_dataset: str | None = None,
+    forget_dataset: str | None = None,
+    eval_retain_texts: list[str] | None = None,
+    eval_retain_targets: list[str] | None = None,
+    eval_forget_texts: list[str] | None = None,
+    eval_forget_targets: list[str] | None = None,
+    max_length: int | None = None,
+    num_masks: int | None = None,
+    num_updates: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    lr_end: float | None = None,
+    l1_weight: float | None = None,
+    diff_clip: float | None = None,
+    seed: int | None = None,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    timeout: float | None = None,
+) -> JobSpec:
+    """Fit contrastive gates that keep the retain task and break the forget task; blocks.
+
+    Returns a ``CchgResult``.
+    """
+    return JobSpec(
+        "cchg",
+        params(
+            retain_texts=retain_texts,
+            retain_targets=retain_targets,
+            forget_texts=forget_texts,
+            forget_targets=forget_targets,
+            retain_dataset=retain_dataset,
+            forget_dataset=forget_dataset,
+            eval_retain_texts=eval_retain_texts,
+            eval_retain_targets=eval_retain_targets,
+            eval_forget_texts=eval_forget_texts,
+            eval_forget_targets=eval_forget_targets,
+            max_length=max_length,
+            num_masks=num_masks,
+            num_updates=num_updates,
+            batch_size=batch_size,
+            lr=lr,
+            lr_end=lr_end,
+            l1_weight=l1_weight,
+            diff_clip=diff_clip,
+            seed=seed,
+        ),
+        WaitOptions(progress, on_progress, timeout),
+    )
+
+
+def trace(
+    texts: str | list[str],
+    *,
+    layers: list[int] | None = None,
+    sites: list[str] | None = None,
+    positions: str | list[int] | None = None,
+    dtype: str | None = None,
+    gradients: dict[str, Any] | None = None,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    timeout: float | None = None,
+) -> JobSpec:
+    """Capture activations at named sites (default: every site and layer); blocks.
+
+    Returns a ``TraceResult``.
+    """
+    return JobSpec(
+        "trace",
+        params(
+            texts=texts,
+            layers=layers,
+            sites=sites,
+            positions=positions,
+            dtype=dtype,
+            gradients=gradients,
+        ),
+        WaitOptions(progress, on_progress, timeout),
+    )
+
+
+def score(
+    texts: str | list[str],
+    *,
+    temperature: float | None = None,
+    final_token_only: bool | None = None,
+    top_k: int | None = None,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    timeout: float | None = None,
+) -> JobSpec:
+    """Next-token logits of every position (divided by ``temperature``); blocks.
+
+    Returns a ``ScoreResult``.
+    """
+    return JobSpec(
+        "score",
+        params(
+            texts=texts, temperature=temperature, final_token_only=final_token_only, top_k=top_k
+        ),
+        WaitOptions(progress, on_progress, timeout),
+    )
+
+
+def ablate(
+    texts: str | list[str] | None = None,
+    targets: str | list[str] | None = None,
+    *,
+    dataset: str | None = None,
+    head_mask: Any = None,
+    from_job: Any = None,
+    keep: str | None = None,
+    threshold: float | None = None,
+    max_length: int | None = None,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    timeout: float | None = None,
+) -> JobSpec:
+    """NLL and accuracy with a head mask applied, against the unmasked model; blocks.
+
+    ``head_mask`` is [layers, heads] (a list, array or tensor), or ``from_job`` (a
+    chg job, its result or its id) with ``keep``. Returns an ``AblateResult``.
+    """
+    return JobSpec(
+        "ablate",
+        params(
+            texts=_listed(texts),
+            targets=_listed(targets),
+            dataset=dataset,
+            head_mask=head_mask,
+            from_job=from_job,
+            keep=keep,
+            threshold=threshold,
+            max_length=max_length,
+        ),
+        WaitOptions(progress, on_progress, timeout),
+    )
+
+
+def attribute(
+    document: str,
+    sentences: list[str],
+    summary: str,
+    *,
+    facilitating_mask: Any = None,
+    from_job: Any = None,
+    keep: str | None = None,
+    threshold: float | None = None,
+    aggregate: str | None = None,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    timeout: float | None = None,
+) -> JobSpec:
+    """Importance of each sentence of ``document`` for ``summary``, by gradients; blocks.
+
+    Returns an ``AttributeResult``.
+    """
+    return JobSpec(
+        "attribute",
+        params(
+            document=document,
+            sentences=sentences,
+            summary=summary,
+            facilitating_mask=facilitating_mask,
+            from_job=from_job,
+            keep=keep,
+            threshold=threshold,
+            aggregate=aggregate,
+        ),
+        WaitOptions(progress, on_progress, timeout),
+    )
+
+
+def method_like(method: F, build: Callable[..., JobSpec], name: str, returns: str) -> F:
+    """Give a generated method its name, the builder's docstring and signature (plus ``self``)."""
+    signature = inspect.signature(build)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__name__ = name
+    method.__qualname__ = name
+    method.__doc__ = build.__doc__
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[self_param, *signature.parameters.values()], return_annotation=returns
+    )
+    return method
