@@ -1,0 +1,216 @@
+"""Prompt/target encoding, the aba/abb task and data set parsing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
+
+from workers.lens import demo, testing
+from workers.lens.data import IGNORE, encode_prompt_targets, generate_pattern
+from workers.lens.datasets import parse_dataset
+from workers.lens.errors import ContextTooLong, InvalidParameter
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def bpe() -> PreTrainedTokenizerFast:
+    """Byte-level BPE that prepends <s>: tokens can straddle the prompt/target boundary."""
+    return testing.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def words() -> PreTrainedTokenizerFast:
+    return demo.build_tokenizer()
+
+
+def _no_bos_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<unk>": 1, "x": 2, "y": 3}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def _target_text(tok: PreTrainedTokenizerFast, ids: torch.Tensor, labels: torch.Tensor) -> str:
+    return tok.decode(ids[labels != IGNORE])
+
+
+def test_targets_are_the_tokens_of_the_continuation(bpe: PreTrainedTokenizerFast) -> None:
+    prompts = ["The capital of France is", "a b a. c d", "One two"]
+    targets = [" Paris", " c.", " three four five"]
+    batch = encode_prompt_targets(bpe, prompts, targets, CPU)
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        joint = bpe(prompt + target)["input_ids"]
+        n = batch.lengths[row]
+        assert batch.input_ids[row, :n].tolist() == joint
+        assert batch.attention_mask[row].tolist() == [1] * n + [0] * (batch.input_ids.shape[1] - n)
+        assert (batch.labels[row, n:] == IGNORE).all()
+        assert _target_text(bpe, batch.input_ids[row], batch.labels[row]) == target
+        start = batch.target_starts[row]
+        assert (batch.labels[row, :start] == IGNORE).all()
+        assert (batch.labels[row, start:n] != IGNORE).all()
+        assert bpe.decode(joint[:start]) + target == bpe.decode(joint)
+
+
+def test_a_token_straddling_the_boundary_belongs_to_the_target(
+    bpe: PreTrainedTokenizerFast,
+) -> None:
+    # "Par" + "is" are one token in this vocabulary's merge of " Paris"; cutting inside it
+    # leaves a token holding prompt and target characters, which must be supervised.
+    batch = encode_prompt_targets(bpe, ["The capital of France is Pa"], ["ris"], CPU)
+    target_ids = batch.input_ids[0][batch.labels[0] != IGNORE]
+    assert "ris" in bpe.decode(target_ids)
+    assert batch.target_starts[0] >= 1
+
+
+def test_tokenizers_without_offsets_encode_prompt_and_target_apart() -> None:
+    slow = ByT5Tokenizer()  # pure Python, bytes as tokens, appends </s>
+    assert not slow.is_fast
+    batch = encode_prompt_targets(slow, ["red cat", "ab"], [" dog", "c"], CPU)
+    prompt, target = list(b"red cat"), list(b" dog")
+    ids = [b + 3 for b in prompt + target]
+    assert batch.input_ids[0].tolist() == ids
+    assert batch.labels[0].tolist() == [IGNORE] * len(prompt) + ids[len(prompt) :]
+    assert batch.lengths == (11, 3) and batch.target_starts == (7, 2)
+
+
+def test_word_targets_need_their_leading_space(words: PreTrainedTokenizerFast) -> None:
+    batch = encode_prompt_targets(words, ["red cat | red"], [" cat"], CPU)
+    assert _target_text(words, batch.input_ids[0], batch.labels[0]) == "cat"
+    assert batch.lengths[0] == 6
+
+
+def test_truncation_drops_prompt_tokens_from_the_left_and_keeps_bos(
+    words: PreTrainedTokenizerFast,
+) -> None:
+    full = encode_prompt_targets(words, ["red cat blue dog | red cat"], [" blue dog"], CPU)
+    cut = encode_prompt_targets(
+        words, ["red cat blue dog | red cat"], [" blue dog"], CPU, max_length=5
+    )
+    ids = full.input_ids[0, : full.lengths[0]].tolist()
+    assert cut.input_ids[0].tolist() == [ids[0], *ids[-4:]]
+    assert _target_text(words, cut.input_ids[0], cut.labels[0]) == "blue dog"
+    with pytest.raises(InvalidParameter) as err:
+        encode_prompt_targets(words, ["red cat"], [" blue dog"], CPU, max_length=2)
+    assert err.value.field == "max_length"
+
+
+def test_invalid_pairs_name_the_field(words: PreTrainedTokenizerFast) -> None:
+    cases = [
+        ((["a", "b"], [" cat"]), "targets"),
+        (([], []), "texts"),
+        ((["red"], [""]), "targets"),
+        ((["red"], ["   "]), "targets"),
+    ]
+    for (prompts, targets), field in cases:
+        with pytest.raises(InvalidParameter) as err:
+            encode_prompt_targets(words, prompts, targets, CPU)
+        assert err.value.field == field
+    with pytest.raises(InvalidParameter) as err:
+        encode_prompt_targets(words, ["red"], [" cat"], CPU, field_prefix="forget_", max_length=1)
+    assert err.value.field == "max_length"
+    with pytest.raises(InvalidParameter) as err:
+        encode_prompt_targets(_no_bos_tokenizer(), [""], ["x"], CPU, field_prefix="retain_")
+    assert err.value.field == "retain_texts"
+    with pytest.raises(ContextTooLong):
+        encode_prompt_targets(words, ["red cat blue dog"], [" cat"], CPU, max_context=4)
+
+
+def test_pattern_prompts_follow_their_rule(words: PreTrainedTokenizerFast) -> None:
+    for pattern, third in (("aba", 0), ("abb", 1)):
+        prompts, targets = generate_pattern(words, pattern, 8, seed=1)
+        assert (prompts, targets) == generate_pattern(words, pattern, 8, seed=1)
+        for prompt, target in zip(prompts, targets, strict=True):
+            lines = prompt.split("\n")
+            assert len(lines) == 5
+            for line in lines[:4]:
+                a, b, c = line.split(" ")
+                assert a != b and c == (a, b)[third]
+            a, b = lines[4].split(" ")
+            assert target == " " + (a, b)[third]
+        batch = encode_prompt_targets(words, prompts, targets, CPU)
+        assert all(n - s == 1 for n, s in zip(batch.lengths, batch.target_starts, strict=True))
+    assert generate_pattern(words, "aba", 8, seed=1) != generate_pattern(words, "aba", 8, seed=2)
+
+
+def test_pattern_words_are_single_tokens_with_bpe(bpe: PreTrainedTokenizerFast) -> None:
+    prompts, targets = generate_pattern(bpe, "aba", 6, seed=0)
+    batch = encode_prompt_targets(bpe, prompts, targets, CPU)
+    assert all(n - s == 1 for n, s in zip(batch.lengths, batch.target_starts, strict=True))
+
+
+def test_pattern_rejects_bad_parameters(words: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(InvalidParameter) as err:
+        generate_pattern(words, "abc", 4)  # type: ignore[arg-type]
+    assert err.value.field == "pattern"
+    with pytest.raises(InvalidParameter) as err:
+        generate_pattern(words, "aba", 0)
+    assert err.value.field == "num_samples"
+
+
+def _jsonl(*rows: object) -> bytes:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows).encode()
+
+
+def test_jsonl_rows() -> None:
+    content = _jsonl({"prompt": "a\nb", "target": " c", "id": 7}, "", {"text": "d", "target": " e"})
+    assert parse_dataset(content, "train.jsonl") == [
+        {"prompt": "a\nb", "target": " c"},
+        {"prompt": "d", "target": " e"},
+    ]
+    assert parse_dataset(b"\xef\xbb\xbf" + content, "ndjson")[0]["prompt"] == "a\nb"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (_jsonl({"prompt": "a", "target": "b"}, "{oops"), "line 2: invalid JSON"),
+        (_jsonl({"prompt": "a"}), "line 1: needs 'prompt'"),
+        (_jsonl({"prompt": "a", "target": ""}), "line 1: empty target"),
+        (_jsonl({"prompt": 3, "target": "b"}), "line 1: prompt and target must be strings"),
+        (_jsonl([1, 2]), "line 1: expected a JSON object"),
+        (b"\n\n", "holds no rows"),
+        (b"\xff\xfe", "not UTF-8"),
+    ],
+)
+def test_jsonl_errors_name_the_line(content: bytes, message: str) -> None:
+    with pytest.raises(InvalidParameter) as err:
+        parse_dataset(content, "jsonl")
+    assert err.value.field == "dataset"
+    assert message in err.value.message
+
+
+def test_tsv_with_header_and_escapes() -> None:
+    content = b"id\ttarget\tprompt\n1\t cat\tred\\ncat | red\n2\t back\\\\slash\ttab\\there\n"
+    assert parse_dataset(content, "data.TSV") == [
+        {"prompt": "red\ncat | red", "target": " cat"},
+        {"prompt": "tab\there", "target": " back\\slash"},
+    ]
+
+
+def test_tsv_two_columns_without_header() -> None:
+    assert parse_dataset(b"red cat\t dog\nblue\t fox\n", "tab") == [
+        {"prompt": "red cat", "target": " dog"},
+        {"prompt": "blue", "target": " fox"},
+    ]
+
+
+def test_tsv_errors_name_the_line() -> None:
+    with pytest.raises(InvalidParameter, match="line 3: expected 2 tab-separated columns, got 3"):
+        parse_dataset(b"prompt\ttarget\na\tb\na\tb\tc\n", "tsv")
+    with pytest.raises(InvalidParameter, match="line 2: empty target"):
+        parse_dataset(b"a\tb\nc\t\n", "tsv")
+    with pytest.raises(InvalidParameter) as err:
+        parse_dataset(b"a\tb\n", "data.csv")
+    assert err.value.field == "format"
+
+
+def test_parsing_data_sets_does_not_import_torch() -> None:
+    code = "import sys, workers.lens.datasets; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
