@@ -235,15 +235,7 @@ def keyed_api(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) ->
                                    api_keys=[KEY]))  # fmt: skip
     try:
         stack.start(workers=0)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{stack.url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the keyed API did not start"
-            time.sleep(0.1)
+        stack.wait_api()
         yield stack.url
     finally:
         stack.stop()
