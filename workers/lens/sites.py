@@ -34,7 +34,9 @@ class Site:
 SITES: dict[str, Site] = {
     s.name: s
     for s in (
-        Site("block_input", Scope.LAYER, "[batch, seq, hidden]", "residual stream entering the block"),
+        Site(
+            "block_input", Scope.LAYER, "[batch, seq, hidden]", "residual stream entering the block"
+        ),
         Site(
             "attn_o_proj_pre",
             Scope.LAYER,
@@ -60,8 +62,12 @@ SITES: dict[str, Site] = {
             "[batch, seq, hidden]",
             "input of the MLP (after its norm, if any; parallel blocks: the normed block input)",
         ),
-        Site("mlp_output", Scope.LAYER, "[batch, seq, hidden]", "MLP output, before the residual add"),
-        Site("block_output", Scope.LAYER, "[batch, seq, hidden]", "residual stream leaving the block"),
+        Site(
+            "mlp_output", Scope.LAYER, "[batch, seq, hidden]", "MLP output, before the residual add"
+        ),
+        Site(
+            "block_output", Scope.LAYER, "[batch, seq, hidden]", "residual stream leaving the block"
+        ),
         Site("final_norm", Scope.MODEL, "[batch, seq, hidden]", "output of the final norm"),
         Site("lm_head_input", Scope.MODEL, "[batch, seq, hidden]", "input of the LM head"),
         Site(
