@@ -22,6 +22,7 @@ from typing import TypeGuard
 import torch
 
 from app.schemas import JobRequest, ScoreJob, TraceJob
+from workers.lens import scoring
 from workers.lens.batching import TextBatch, encode_texts, token_strings
 from workers.lens.errors import InvalidParameter
 from workers.lens.loading import DTYPES, LoadedModel
@@ -183,41 +184,13 @@ def _score_result(
 ) -> AnalysisResult:
     """What ``score`` returns for this job, from its rows of the shared logits
     [rows, length, vocab]."""
-    t = job.temperature
-    rows = torch.arange(item.rows, device=raw.device)
-    tensors: dict[str, torch.Tensor] = {}
-    final = raw[rows, item.batch.last_positions].float() / t
-    if not job.final_token_only and job.top_k is None:
-        # x / 1.0 == x exactly: skip a copy of the largest tensor at the default temperature
-        tensors["logits"] = raw.float() if t == 1 else raw.float() / t
-    elif not job.final_token_only:
-        values, ids = raw.topk(job.top_k, dim=-1)
-        tensors["top_k_logits"] = values.float() / t
-        tensors["top_k_ids"] = ids
-    best_prob, best_id = final.softmax(dim=-1).max(dim=-1)
-    tensors |= {
-        "final_token_logits": final,
-        "input_ids": item.batch.input_ids,
-        "attention_mask": item.batch.attention_mask,
-    }
-    summary = {
-        "temperature": t,
-        "final_token_only": job.final_token_only,
-        "top_k": job.top_k,
-        "texts": [
-            {
-                "num_tokens": n,
-                "next_token": lm.tokenizer.decode([token]),
-                "next_token_id": token,
-                "next_token_prob": prob,
-            }
-            for n, token, prob in zip(
-                item.batch.lengths.tolist(), best_id.tolist(), best_prob.tolist(), strict=True
-            )
-        ],
-    }
-    return AnalysisResult(
-        tensors={k: v.detach().cpu().contiguous() for k, v in tensors.items()}, summary=summary
+    return scoring.from_logits(
+        lm,
+        item.batch,
+        raw,
+        temperature=job.temperature,
+        final_token_only=job.final_token_only,
+        top_k=job.top_k,
     )
 
 

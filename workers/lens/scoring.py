@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from workers.lens.batching import encode_texts
+from workers.lens.batching import TextBatch, encode_texts, token_strings
 from workers.lens.errors import InvalidParameter
 from workers.lens.loading import LoadedModel
 from workers.lens.results import AnalysisResult
@@ -31,8 +31,8 @@ def score(
       over the full vocabulary (a client derives the next-token distribution from it);
     - ``input_ids`` and ``attention_mask`` [batch, seq] int64.
 
-    The summary gives, per text, its token count and the most likely next token with
-    its probability at this temperature.
+    The summary gives each text's tokens (as strings, for display), its token count and
+    the most likely next token with its probability at this temperature.
     """
     if isinstance(temperature, bool) or not (math.isfinite(temperature) and temperature > 0):
         raise InvalidParameter("temperature", f"must be a finite number > 0, got {temperature!r}")
@@ -40,19 +40,35 @@ def score(
     if top_k is not None and (isinstance(top_k, bool) or not 1 <= top_k <= vocab):
         raise InvalidParameter("top_k", f"must be an integer in [1, {vocab}], got {top_k!r}")
     batch = encode_texts(lm.tokenizer, texts, lm.device, lm.max_context)
-    rows = torch.arange(batch.input_ids.shape[0], device=lm.device)
-    tensors: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         raw = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        final = raw[rows, batch.last_positions].float() / temperature
-        if not final_token_only and top_k is None:
-            tensors["logits"] = raw.float() / temperature
-        elif not final_token_only:
-            values, ids = raw.topk(top_k, dim=-1)
-            tensors["top_k_logits"] = values.float() / temperature
-            tensors["top_k_ids"] = ids
-        probs = final.softmax(dim=-1)
-        best_prob, best_id = probs.max(dim=-1)
+        return from_logits(
+            lm, batch, raw, temperature=temperature, final_token_only=final_token_only, top_k=top_k
+        )
+
+
+def from_logits(
+    lm: LoadedModel,
+    batch: TextBatch,
+    raw: torch.Tensor,
+    *,
+    temperature: float,
+    final_token_only: bool,
+    top_k: int | None,
+) -> AnalysisResult:
+    """``score``'s result from the raw logits [batch, seq, vocab] of ``batch``; shared with
+    the worker's cross-job batcher, so a batched job returns exactly what it would alone."""
+    rows = torch.arange(batch.input_ids.shape[0], device=raw.device)
+    tensors: dict[str, torch.Tensor] = {}
+    final = raw[rows, batch.last_positions].float() / temperature
+    if not final_token_only and top_k is None:
+        # x / 1.0 == x exactly: skip a copy of the largest tensor at the default temperature
+        tensors["logits"] = raw.float() if temperature == 1 else raw.float() / temperature
+    elif not final_token_only:
+        values, ids = raw.topk(top_k, dim=-1)
+        tensors["top_k_logits"] = values.float() / temperature
+        tensors["top_k_ids"] = ids
+    best_prob, best_id = final.softmax(dim=-1).max(dim=-1)
     tensors |= {
         "final_token_logits": final,
         "input_ids": batch.input_ids,
@@ -62,6 +78,7 @@ def score(
         "temperature": temperature,
         "final_token_only": final_token_only,
         "top_k": top_k,
+        "tokens": token_strings(lm.tokenizer, batch),
         "texts": [
             {
                 "num_tokens": n,
