@@ -298,3 +298,27 @@ def method_like(method: F, build: Callable[..., JobSpec], name: str, returns: st
         parameters=[self_param, *signature.parameters.values()], return_annotation=returns
     )
     return method
+
+
+class JobView:
+    """What the sync and async jobs share: the latest job document and its fields."""
+
+    def __init__(self, client: Any, document: dict[str, Any]) -> None:
+        self.client = client
+        self.document = document
+
+    @property
+    def id(self) -> str:
+        return self.document["id"]
+
+    @property
+    def kind(self) -> str:
+        return self.document["kind"]
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        return self.document.get("error")
+
+    def __repr__(self) -> str:
+        status = self.document["status"]
+        return f"{type(self).__name__}({self.id!r}, kind={self.kind!r}, status={status!r})"

@@ -177,27 +177,10 @@ class AsyncModel:
     attribute = _awaiting(_kinds.attribute, "attribute", AttributeResult)
 
 
-class AsyncJob:
+class AsyncJob(_kinds.JobView):
     """A submitted job; ``document`` is the latest job document seen."""
 
-    def __init__(self, client: AsyncLensClient, document: dict[str, Any]) -> None:
-        self.client = client
-        self.document = document
-
-    @property
-    def id(self) -> str:
-        return self.document["id"]
-
-    @property
-    def kind(self) -> str:
-        return self.document["kind"]
-
-    @property
-    def error(self) -> dict[str, str] | None:
-        return self.document.get("error")
-
-    def __repr__(self) -> str:
-        return f"AsyncJob({self.id!r}, kind={self.kind!r}, status={self.document['status']!r})"
+    client: AsyncLensClient
 
     async def refresh(self) -> dict[str, Any]:
         """Fetch the job document again."""

@@ -282,7 +282,24 @@ class CchgResult(Result):
         return {s: self[f"nll.{s}"] for s in ("retain", "forget") if f"nll.{s}" in self}
 
 
-class TraceResult(Result):
+class _TextInputs(Result):
+    """Results of jobs that ran on ``texts``: their token ids, mask and token strings."""
+
+    @property
+    def input_ids(self) -> Any:
+        return self["input_ids"]
+
+    @property
+    def attention_mask(self) -> Any:
+        return self["attention_mask"]
+
+    @property
+    def tokens(self) -> list[list[str]] | None:
+        """Input tokens as strings, per text, when the server reports them."""
+        return self.job_summary.get("tokens")
+
+
+class TraceResult(_TextInputs):
     """Captured activations: ``<site>.<layer>`` for layer sites, ``<site>`` for model sites."""
 
     kind = "trace"
@@ -337,19 +354,6 @@ class TraceResult(Result):
     def final_logits(self) -> Any:
         return self["final_logits"]
 
-    @property
-    def input_ids(self) -> Any:
-        return self["input_ids"]
-
-    @property
-    def attention_mask(self) -> Any:
-        return self["attention_mask"]
-
-    @property
-    def tokens(self) -> list[list[str]] | None:
-        """Input tokens as strings, per text, when the server reports them."""
-        return self.job_summary.get("tokens")
-
     def final_log_probs(self) -> Any:
         """log-softmax of ``final_logits`` over the vocabulary."""
         return self._out(log_softmax(self._arrays["final_logits"]))
@@ -367,7 +371,7 @@ class TraceResult(Result):
         return self._arrays[f"logits.{layer}"]
 
 
-class ScoreResult(Result):
+class ScoreResult(_TextInputs):
     """Token scores: logits [batch, seq, vocab], already divided by the temperature."""
 
     kind = "score"
@@ -398,19 +402,6 @@ class ScoreResult(Result):
     def probs(self) -> Any:
         """softmax of the logits [batch, seq, vocab], derived on first use."""
         return self._out(np.exp(self._log_probs))
-
-    @property
-    def input_ids(self) -> Any:
-        return self["input_ids"]
-
-    @property
-    def attention_mask(self) -> Any:
-        return self["attention_mask"]
-
-    @property
-    def tokens(self) -> list[list[str]] | None:
-        """Input tokens as strings, per text, when the server reports them."""
-        return self.job_summary.get("tokens")
 
     def _final(self) -> np.ndarray:
         if "final_token_logits" in self:

@@ -176,27 +176,10 @@ class Model:
     attribute = _blocking(_kinds.attribute, "attribute", AttributeResult)
 
 
-class Job:
+class Job(_kinds.JobView):
     """A submitted job; ``document`` is the latest job document seen."""
 
-    def __init__(self, client: LensClient, document: dict[str, Any]) -> None:
-        self.client = client
-        self.document = document
-
-    @property
-    def id(self) -> str:
-        return self.document["id"]
-
-    @property
-    def kind(self) -> str:
-        return self.document["kind"]
-
-    @property
-    def error(self) -> dict[str, str] | None:
-        return self.document.get("error")
-
-    def __repr__(self) -> str:
-        return f"Job({self.id!r}, kind={self.kind!r}, status={self.document['status']!r})"
+    client: LensClient
 
     def refresh(self) -> dict[str, Any]:
         """Fetch the job document again."""
