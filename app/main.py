@@ -8,12 +8,13 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI, HTTPException, Request, Response, status
+from fastapi import FastAPI, HTTPException, status
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
@@ -117,6 +118,64 @@ async def _too_large(send: Send, length: int | None, limit: int, name: str) -> N
     await send({"type": "http.response.body", "body": body})
 
 
+class VersionGuard:
+    """426 for a client of another release series, before anything else happens."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = Headers(scope=scope).get(CLIENT_HEADER) if scope["type"] == "http" else None
+        if client and not compatible(client):
+            response = JSONResponse(
+                {
+                    "detail": f"client version {client} cannot talk to server version "
+                    f"{__version__}; install a client of the {__version__} series"
+                },
+                status_code=status.HTTP_426_UPGRADE_REQUIRED,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """One line per request, attributed to the job it names (never its headers)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        match = _JOB_PATH.match(scope["path"])
+        status_code = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            with job_context(match.group(1)) if match else contextlib.nullcontext():
+                await self.app(scope, receive, recording_send)
+        finally:
+            state = scope.get("state", {})
+            job_id = match.group(1) if match else state.get("job_id")
+            with job_context(job_id) if job_id else contextlib.nullcontext():
+                log.info(
+                    "%s %s %d %.1fms owner=%s",
+                    scope["method"],
+                    scope["path"],
+                    status_code,
+                    1000 * (time.perf_counter() - started),
+                    state.get("owner") or "-",
+                )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -149,46 +208,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    # Innermost: BaseHTTPMiddleware wraps errors raised from ``receive`` in exception groups.
+    # Plain ASGI middleware (not BaseHTTPMiddleware, which copies every chunk of a
+    # streamed result through extra streams). Added last runs first: access log outermost.
     app.add_middleware(BodyLimit, limits=settings.limits)
-
-    @app.middleware("http")
-    async def guard(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        client = request.headers.get(CLIENT_HEADER)
-        if client and not compatible(client):
-            return JSONResponse(
-                {
-                    "detail": f"client version {client} cannot talk to server version "
-                    f"{__version__}; install a client of the {__version__} series"
-                },
-                status_code=status.HTTP_426_UPGRADE_REQUIRED,
-            )
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def access_log(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        """One line per request, attributed to the job it names (never its headers)."""
-        started = time.perf_counter()
-        match = _JOB_PATH.match(request.url.path)
-        job_id = match.group(1) if match else None
-        with job_context(job_id) if job_id else contextlib.nullcontext():
-            response = await call_next(request)
-        job_id = job_id or getattr(request.state, "job_id", None)
-        owner = getattr(request.state, "owner", None)
-        with job_context(job_id) if job_id else contextlib.nullcontext():
-            log.info(
-                "%s %s %d %.1fms owner=%s",
-                request.method,
-                request.url.path,
-                response.status_code,
-                1000 * (time.perf_counter() - started),
-                owner or "-",
-            )
-        return response
+    app.add_middleware(VersionGuard)
+    app.add_middleware(AccessLog)
 
     for module in (jobs, models, datasets, health, metrics, dashboard):
         app.include_router(module.router)
