@@ -29,12 +29,11 @@ from app.jobstore import JobStore
 from app.schemas import JobStatus, ScoreJob, TraceJob
 from app.stack import Stack
 from tests.conftest import DEMO, service_settings
+from tests.workers.test_batcher import alone
 from workers import batcher, tasks
 from workers.lens.loading import LoadedModel, load_model
-from workers.lens.results import AnalysisResult
 from workers.lens.scoring import score
 from workers.lens.testing import build_tiny_model
-from workers.lens.tracing import trace
 from workers.registry import ModelRegistry
 
 MODEL = "tiny"
@@ -97,33 +96,13 @@ def work(rt: tasks.Runtime) -> None:
     worker.work(burst=True, logging_level="WARNING", with_scheduler=False)
 
 
-def alone(rt: tasks.Runtime, job: ScoreJob | TraceJob) -> AnalysisResult:
-    lm = rt.registry.get(MODEL)
-    if isinstance(job, ScoreJob):
-        return score(
-            lm,
-            job.text_list(),
-            temperature=job.temperature,
-            final_token_only=job.final_token_only,
-            top_k=job.top_k,
-        )
-    return trace(
-        lm,
-        job.text_list(),
-        layers=job.layers,
-        sites=job.sites,
-        positions=job.positions,
-        dtype=job.dtype.value,
-    )
-
-
 def assert_as_alone(rt: tasks.Runtime, job_id: str, job: ScoreJob | TraceJob) -> None:
     """The stored blob and summary are what the job computes alone."""
     doc = rt.store.get(job_id).document
     assert doc.status is JobStatus.SUCCEEDED, doc.error
     path = rt.blobs.path(job_id)
     got = load_file(path)
-    expected = alone(rt, job)
+    expected = alone(rt.registry.get(MODEL), job)
     assert got.keys() == expected.tensors.keys()
     for name, want in expected.tensors.items():
         assert got[name].shape == want.shape and got[name].dtype == want.dtype, name
