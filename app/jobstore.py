@@ -51,6 +51,15 @@ end
 return 0
 """
 
+# KEYS[1] = job hash, KEYS[2] = events channel; ARGV[1] = progress JSON, ARGV[2] = event JSON.
+# A cancelled job's step is not published: the cancel is answered first (returns 1).
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 1 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 0
+"""
+
 
 def new_job_id() -> str:
     """An unguessable job id (128 random bits)."""
@@ -104,8 +113,8 @@ class JobStore:
 
     A worker's store is made with its ``worker`` name: it then finishes only jobs that
     worker holds, so a worker presumed dead (and its job re-queued elsewhere) cannot
-    overwrite the new run's outcome. ``stop_locally`` makes ``cancel_requested`` true
-    for a job in this process only, which stops it at its next step without touching
+    overwrite the new run's outcome. ``stop_locally`` makes ``report_progress`` answer
+    "cancelled" for a job in this process only, which stops it at its next step without touching
     the record (used on shutdown, when the record has already been settled).
     """
 
@@ -113,6 +122,7 @@ class JobStore:
         self.redis = connection
         self.worker = worker
         self._transition = connection.register_script(_TRANSITION)
+        self._progress = connection.register_script(_PROGRESS)
         self._stopped: set[str] = set()
 
     def create(self, *, kind: str, model: str, owner: str, params: dict[str, Any]) -> JobDocument:
@@ -293,17 +303,15 @@ class JobStore:
     def stop_locally(self, job_id: str) -> None:
         self._stopped.add(job_id)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return job_id in self._stopped or self.redis.hget(job_key(job_id), "cancel") == b"1"
-
-    def set_progress(self, job_id: str, progress: JobProgress) -> None:
-        data = progress.model_dump_json()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(job_key(job_id), "progress", data)
-        pipe.publish(
-            events_channel(job_id), json.dumps({"event": "progress", **progress.model_dump()})
-        )
-        pipe.execute()
+    def report_progress(self, job_id: str, progress: JobProgress) -> bool:
+        """Store and publish a running job's progress, unless its cancellation was
+        requested: then return True and publish nothing. One round trip per report,
+        which a fit pays at every update."""
+        if job_id in self._stopped:
+            return True
+        event = json.dumps({"event": "progress", **progress.model_dump()})
+        keys = [job_key(job_id), events_channel(job_id)]
+        return bool(self._progress(keys=keys, args=[progress.model_dump_json(), event]))
 
     def active_count(self, owner: str) -> int:
         """The owner's queued and running jobs (the quota); prunes ended ones from the set."""

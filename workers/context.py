@@ -28,12 +28,11 @@ class JobContext:
 
     def progress(self, report: Progress) -> None:
         """Publish progress; stop the job here if its owner cancelled it."""
-        if self.store.cancel_requested(self.job_id):
-            raise Cancelled(f"job {self.job_id} was cancelled")
-        self.store.set_progress(
-            self.job_id,
-            JobProgress(stage=report.stage, step=report.step, total=report.total, loss=report.loss),
+        progress = JobProgress(
+            stage=report.stage, step=report.step, total=report.total, loss=report.loss
         )
+        if self.store.report_progress(self.job_id, progress):
+            raise Cancelled(f"job {self.job_id} was cancelled")
 
     def dataset(self, field: str, dataset_id: str) -> tuple[list[str], list[str]]:
         """Prompts and targets of an uploaded data set (the API checked it exists and is ours)."""

@@ -195,6 +195,8 @@ def run_worker(
     name = name or default_worker_name()
     names = served_models(settings, name, models)
     hf_logging.disable_progress_bar()
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     conn = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
     store = JobStore(conn, worker=name)
     for job in store.running():
@@ -229,6 +231,7 @@ def run_worker(
             "resident": sorted(loaded),
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "torch_threads": torch.get_num_threads(),
             "since": since,
             "loads": dict(registry.load_counts),
             "load_seconds": dict(registry.load_seconds),

@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     cuda_memory_fraction: float | None = Field(
         None, gt=0, le=1, description="CUDA workers: the share of each GPU a worker may use."
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads each worker gives torch (default: torch's choice, one per "
+        "core); set cores ÷ workers when several workers share a host.",
+    )
     max_resident_bytes: int | None = Field(
         None, ge=1, description="Parameter bytes a worker keeps loaded; LRU models evicted beyond."
     )

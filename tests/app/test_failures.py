@@ -11,7 +11,7 @@ from app import queue
 from app.core.config import ModelSpec, Settings
 from app.jobstore import JobStore
 from app.maintenance import Reaper, reap_lost_jobs
-from app.schemas import JobStatus
+from app.schemas import JobProgress, JobStatus
 from workers.process import _Shutdown, served_models
 
 SETTINGS = Settings(result_ttl_s=100, heartbeat_s=0.05)
@@ -79,7 +79,9 @@ def test_shutdown_fails_the_held_job_and_stops_it_locally(redis_conn: redis.Redi
     record = api.get(mine)
     assert record is not None and record.document.status is JobStatus.FAILED
     assert record.document.error is not None and record.document.error.type == "WorkerShutdown"
-    assert worker.cancel_requested(mine) and not api.cancel_requested(mine)
+    step = JobProgress(stage="none", step=1, total=2)
+    assert worker.report_progress(mine, step), "stopped here: its next step stops it"
+    assert not record.cancel_requested, "a local stop, not a cancellation by its owner"
     assert not worker.finish(mine, JobStatus.CANCELLED, ttl_s=100)
     assert api.get(other).document.status is JobStatus.RUNNING  # type: ignore[union-attr]
 

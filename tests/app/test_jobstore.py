@@ -40,7 +40,7 @@ def test_finish_sets_fields_expiry_and_publishes(redis_conn: redis.Redis) -> Non
     pubsub = redis_conn.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(events_channel(doc.id))
     assert store.start(doc.id, "w1")
-    store.set_progress(doc.id, JobProgress(stage="none", step=1, total=2, loss=0.5))
+    assert not store.report_progress(doc.id, JobProgress(stage="none", step=1, total=2, loss=0.5))
     err = JobError(type="X", message="boom")
     assert store.finish(doc.id, JobStatus.FAILED, error=err, ttl_s=100)
     assert not store.finish(doc.id, JobStatus.SUCCEEDED, ttl_s=100)
@@ -54,6 +54,18 @@ def test_finish_sets_fields_expiry_and_publishes(redis_conn: redis.Redis) -> Non
     record = store.get(doc.id)
     assert record is not None and record.document.error == err
     assert 0 < redis_conn.ttl(f"lens:job:{doc.id}") <= 100
+
+
+def test_progress_reports_answer_whether_the_owner_cancelled(redis_conn: redis.Redis) -> None:
+    store = JobStore(redis_conn, worker="w1")
+    doc = make(store)
+    assert store.start(doc.id, "w1")
+    assert not store.report_progress(doc.id, JobProgress(stage="none", step=1, total=3))
+    JobStore(redis_conn).request_cancel(doc.id)
+    assert store.report_progress(doc.id, JobProgress(stage="none", step=2, total=3))
+    record = store.get(doc.id)
+    assert record is not None and record.document.progress is not None
+    assert record.document.progress.step == 1, "nothing is published past the cancel"
 
 
 def test_listing_is_per_owner_and_newest_first(redis_conn: redis.Redis) -> None:

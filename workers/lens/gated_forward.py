@@ -10,7 +10,9 @@ The batch is repeated once per gate set. Exact shortcuts cut the work of a pass:
   for large vocabularies).
 
 They rely on how a family's modules are called, so each is checked once per loaded model
-against a plain pass and used only where it gives the same logits.
+against a plain pass and used only where it gives the same logits. Llama-style decoders
+take a pass written out in ``workers.lens.gated_decoder`` instead, which goes further
+(the last block works at the picked positions only), under the same check.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.lens import gated_decoder
 from workers.lens.adapters import ModelAdapter
 from workers.lens.gating import head_gates
 from workers.lens.loading import LoadedModel
@@ -39,6 +42,8 @@ class Shortcuts:
     share_first_attention: bool
     trim_last_mlp: bool
     pick_head_positions: bool
+    written_out: bool = False
+    """The pass of ``workers.lens.gated_decoder`` (which needs none of the others)."""
 
 
 _CHECKED: WeakKeyDictionary[nn.Module, Shortcuts] = WeakKeyDictionary()
@@ -73,6 +78,9 @@ def _forward(
     pick: torch.Tensor,
     use: Shortcuts,
 ) -> torch.Tensor:
+    if use.written_out and gated_decoder.applies(lm, input_ids.shape[1]):
+        with _autocast(lm.device):
+            return gated_decoder.gated_logits(lm, input_ids, gates, kept, pick)
     sets, rows = gates.shape[0], input_ids.shape[0]
     extra = {"logits_to_keep": kept} if _keeps_logits(type(lm.model)) else {}
     picked = pick.repeat(sets, 1)
@@ -116,6 +124,8 @@ def _probe(lm: LoadedModel) -> Shortcuts:
             return fast.shape == plain.shape and bool(((fast - plain).abs() <= tol * scale).all())
 
         return Shortcuts(
+            written_out=gated_decoder.applies(lm, _PROBE_SHAPE[1])
+            and exact(replace(none, written_out=True)),
             share_first_attention=exact(replace(none, share_first_attention=True)),
             trim_last_mlp=exact(replace(none, trim_last_mlp=True)),
             pick_head_positions=exact(replace(none, pick_head_positions=True)),

@@ -52,6 +52,12 @@ def _reference(path: str, prompts: list[str], targets: list[str], mask: torch.Te
     return torch.tensor(nll), torch.tensor(correct)
 
 
+WRITTEN_OUT = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "olmo", "starcoder2"}
+)
+"""Families built as ``workers.lens.gated_decoder`` assumes (its check runs on each)."""
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ablate_matches_scaled_weights(family: str, tmp_path: Path) -> None:
     path = str(build_tiny_model(family, tmp_path / family))
@@ -72,7 +78,8 @@ def test_ablate_matches_scaled_weights(family: str, tmp_path: Path) -> None:
     assert summary["heads_on"] == lm.adapter.num_layers * lm.adapter.num_heads - 1
     # Bloom and MPT pass per-batch attention biases the shared first attention cannot cut.
     shared = family not in ("bloom", "mpt")
-    assert shortcuts(lm) == Shortcuts(shared, trim_last_mlp=True, pick_head_positions=True)
+    written_out = family in WRITTEN_OUT
+    assert shortcuts(lm) == Shortcuts(shared, True, True, written_out=written_out)
 
 
 @pytest.fixture(scope="module")
