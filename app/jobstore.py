@@ -363,6 +363,7 @@ class JobStore:
     @staticmethod
     def _document(fields: dict[str, str]) -> JobDocument:
         data: dict[str, Any] = {k: v for k, v in fields.items() if k in JobDocument.model_fields}
+        data["retries"] = int(fields.get("attempts", 0))
         for name in _JSON_FIELDS:
             if name in data:
                 data[name] = json.loads(data[name])

@@ -381,6 +381,9 @@ class JobDocument(BaseModel):
     finished_at: datetime | None = None
     queue_position: int | None = Field(None, description="0 is next; only while queued.")
     progress: JobProgress | None = None
+    retries: int = Field(
+        0, description="Times it was queued again after losing its worker (retry_lost_jobs)."
+    )
     error: JobError | None = None
     summary: dict[str, Any] | None = None
     tensors: dict[str, TensorInfo] | None = None

@@ -1,4 +1,8 @@
-"""Dependencies shared by the routes, declared once as ``Annotated`` aliases."""
+"""Dependencies shared by the routes, declared once as ``Annotated`` aliases.
+
+Those that do no I/O are ``async``: FastAPI runs a plain ``def`` dependency in its thread
+pool, and the hop to a thread and back costs more than the work itself.
+"""
 
 from __future__ import annotations
 
@@ -16,19 +20,19 @@ from app.core.config import Settings
 from app.jobstore import ANONYMOUS, JobRecord, JobStore
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> redis.Redis:
+async def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def get_blobs(request: Request) -> BlobStore:
+async def get_blobs(request: Request) -> BlobStore:
     return request.app.state.blobs
 
 
@@ -46,7 +50,7 @@ def owner_of_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def get_owner(
+async def get_owner(
     request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
