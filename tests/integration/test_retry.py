@@ -58,9 +58,7 @@ def _log_of(stack: Stack, worker: str) -> str:
     return (stack.settings.data_dir / "logs" / f"{worker}.log").read_text()
 
 
-def test_a_job_that_loses_its_worker_runs_again_elsewhere(
-    http: httpx.Client, stack: Stack
-) -> None:
+def test_a_job_that_loses_its_worker_runs_again_elsewhere(http: httpx.Client, stack: Stack) -> None:
     job_id = submit(http, **FIT, num_updates=400, num_reg_updates=100)["id"]
     successor = _kill_the_worker_running(http, stack, job_id)
     requeued = poll(http, job_id, lambda d: d["retries"] == 1, timeout=30)
