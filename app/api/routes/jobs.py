@@ -190,23 +190,32 @@ def _event_stream(job_id: str, store: JobStore) -> Iterator[str]:
 
 
 def _events(job_id: str, store: JobStore, pubsub: PubSub) -> Iterator[str]:
+    """The record is read again only when a status event arrives or the stream has been
+    quiet for a keep-alive period (a queued job's position moves without events of its
+    own); progress events are passed on as they come, so a fit's hundreds of updates do
+    not each cost a read of the whole record."""
     pubsub.subscribe(events_channel(job_id))
     last = None
+    stale = True
     while True:
-        record = store.get(job_id)
-        if record is None:
-            return
-        doc = _with_position(record, store)
-        if (doc.status, doc.queue_position) != last:
-            last = (doc.status, doc.queue_position)
-            yield _sse("status", doc.model_dump_json())
-        if doc.status.is_final:
-            return
+        if stale:
+            record = store.get(job_id)
+            if record is None:
+                return
+            doc = _with_position(record, store)
+            if (doc.status, doc.queue_position) != last:
+                last = (doc.status, doc.queue_position)
+                yield _sse("status", doc.model_dump_json())
+            if doc.status.is_final:
+                return
         message = pubsub.get_message(timeout=SSE_KEEPALIVE_S)
-        if message is None:
+        stale = message is None
+        if stale:
             yield ": keep-alive\n\n"
         while message is not None:
             data = json.loads(message["data"])
             if data.pop("event") == "progress":
                 yield _sse("progress", json.dumps(data))
+            else:
+                stale = True
             message = pubsub.get_message(timeout=0)
