@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats of timed comparisons")
     parser.add_argument("--download-gib", type=float, default=1.0, help="size of the big result")
     parser.add_argument("--no-seed", action="store_true", help="skip the CHG comparison")
+    parser.add_argument(
+        "--results-dir", type=Path, help="the service's results_dir (default: in its data dir)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -71,6 +74,7 @@ def main() -> None:
         settings = Settings(
             redis_url="redis://unused",
             data_dir=root / "data",
+            results_dir=args.results_dir,
             models={
                 BATCHED: ModelSpec(source=str(model_dir)),
                 SOLO: ModelSpec(source=str(model_dir), max_batch_tokens=1),
@@ -99,6 +103,8 @@ def main() -> None:
         "service": "app.stack.Stack: its own Redis, 1 worker, the API (uvicorn), on this machine",
         "client": "httpx: POST /v1/jobs, wait on GET /v1/jobs/{id}/events (SSE); the result "
         "streamed with http.client",
+        "results stored in": f"{args.results_dir or 'the data directory, under /tmp'} "
+        f"({_filesystem(args.results_dir or Path(tempfile.gettempdir()))})",
         "load average (1 min) at start, end": f"{load_before:.2f}, {os.getloadavg()[0]:.2f}",
     }
     print()
@@ -401,6 +407,17 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the file system holding ``path`` (from /proc/mounts), e.g. ext4 or tmpfs."""
+    resolved, best, kind = path.resolve(), -1, "unknown file system"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, fs_type, *_ = line.split()
+        depth = len(Path(mount).parts)
+        if (resolved == Path(mount) or Path(mount) in resolved.parents) and depth > best:
+            best, kind = depth, fs_type
+    return kind
 
 
 def _seed_python() -> str | None:

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     data_dir: Path = DEFAULT_DATA_DIR
+    results_dir: Path | None = Field(
+        None,
+        description="Where result files go (default <data_dir>/blobs). Faster storage "
+        "(tmpfs, local NVMe) makes large results quicker to write; results on tmpfs do not "
+        "survive a reboot. Every API and worker process must see the same directory.",
+    )
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -162,7 +168,7 @@ class Settings(BaseSettings):
 
     @property
     def blob_dir(self) -> Path:
-        return self.data_dir / "blobs"
+        return self.results_dir or self.data_dir / "blobs"
 
     @property
     def dataset_dir(self) -> Path:

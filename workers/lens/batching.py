@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -53,7 +54,19 @@ def encode_texts(
     return TextBatch(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device))
 
 
+_DECODED: WeakKeyDictionary[PreTrainedTokenizerBase, dict[int, str]] = WeakKeyDictionary()
+"""Per tokenizer, the text of every token id decoded so far: a token decodes alone the
+same way every time, and decoding is a slow call per token."""
+
+
 def token_strings(tokenizer: PreTrainedTokenizerBase, batch: TextBatch) -> list[list[str]]:
     """Each row's real tokens, each decoded on its own (so a client can label positions)."""
+    known = _DECODED.setdefault(tokenizer, {})
     rows = zip(batch.input_ids.tolist(), batch.lengths.tolist(), strict=True)
-    return [[str(tokenizer.decode([t])) for t in ids[:n]] for ids, n in rows]
+    out = []
+    for ids, n in rows:
+        for t in ids[:n]:
+            if t not in known:
+                known[t] = str(tokenizer.decode([t]))
+        out.append([known[t] for t in ids[:n]])
+    return out
