@@ -58,9 +58,13 @@ def service_settings(data_dir: Path, models: dict[str, Path], **overrides: objec
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[Stack]:
-    """Redis + API + one worker serving the demo model as ``demo``; shared by a session."""
+    """Redis + API + one worker serving the demo model as ``demo``; shared by a session.
+    Its results go to a directory of their own, and its worker runs one torch thread."""
     data_dir = tmp_path_factory.mktemp("service")
-    stack = Stack(service_settings(data_dir, {DEMO: demo_model_dir}))
+    settings = service_settings(
+        data_dir, {DEMO: demo_model_dir}, results_dir=data_dir / "results", torch_threads=1
+    )
+    stack = Stack(settings)
     try:
         stack.start(workers=1)
         stack.wait_ready(timeout=180)

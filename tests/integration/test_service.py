@@ -80,11 +80,14 @@ def test_score_round_trip_matches_in_process_forward(http: httpx.Client, referen
     assert final["tensors"]["logits"]["shape"] == list(logits.shape)
 
 
-def test_result_file_is_self_describing(http: httpx.Client, tmp_path: Path) -> None:
+def test_result_file_is_self_describing(http: httpx.Client, service: Stack, tmp_path: Path) -> None:
     doc = submit(http, kind="score", texts="one two | one", final_token_only=True)
     assert wait(http, doc["id"])["status"] == "succeeded"
     path = tmp_path / "r.safetensors"
     path.write_bytes(http.get(f"/v1/jobs/{doc['id']}/result").content)
+    stored = service.settings.blob_dir / doc["id"][:2] / f"{doc['id']}.safetensors"
+    assert stored.is_relative_to(service.settings.data_dir / "results")
+    assert path.read_bytes() == stored.read_bytes(), "served from results_dir"
     with safe_open(path, framework="np") as f:
         meta = f.metadata()
         names = set(f.keys())
@@ -122,6 +125,7 @@ def test_two_jobs_load_the_model_once(http: httpx.Client, service: Stack) -> Non
     conn = redis.Redis.from_url(service.settings.redis_url)
     workers = queue.live_workers(conn)
     assert workers and all(w["loads"] == {DEMO: 1} for w in workers.values())
+    assert all(w["torch_threads"] == 1 for w in workers.values()), "the torch_threads setting"
 
 
 def test_unknown_model_is_404(http: httpx.Client) -> None:
