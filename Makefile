@@ -22,6 +22,7 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check app workers tests bench
 	$(BIN)/ruff format --check app workers tests bench
+	$(BIN)/mypy app workers
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench

@@ -17,9 +17,10 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from app.schemas import JobDocument, JobError, JobProgress, JobStatus, TensorInfo
 
@@ -138,7 +139,7 @@ class JobStore:
             "params": json.dumps(params),
         }
         pipe = self.redis.pipeline()
-        pipe.hset(job_key(job_id), mapping=fields)
+        pipe.hset(job_key(job_id), mapping=cast("dict[FieldT, EncodableT]", fields))
         pipe.zadd(owner_index(owner), {job_id: created.timestamp()})
         pipe.sadd(active_set(owner), job_id)
         pipe.hincrby(SUBMITTED, kind, 1)
@@ -154,7 +155,7 @@ class JobStore:
         pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.hgetall(job_key(job_id))
+        raw = cast("dict[bytes, bytes]", self.redis.hgetall(job_key(job_id)))
         if not raw:
             return None
         fields = {k.decode(): v.decode() for k, v in raw.items()}
@@ -192,7 +193,7 @@ class JobStore:
             job_id, [JobStatus.QUEUED], JobStatus.RUNNING, started_at=now(), worker=worker
         )
         if moved:
-            model = self.redis.hget(job_key(job_id), "model")
+            model = cast("bytes | None", self.redis.hget(job_key(job_id), "model"))
             value = {"worker": worker, "model": model.decode() if model else ""}
             self.redis.hset(RUNNING, job_id, json.dumps(value))
         return moved
@@ -200,7 +201,7 @@ class JobStore:
     def running(self) -> list[RunningJob]:
         """Jobs marked running, with the worker holding each."""
         jobs = []
-        for raw_id, raw in self.redis.hgetall(RUNNING).items():
+        for raw_id, raw in cast("dict[bytes, bytes]", self.redis.hgetall(RUNNING)).items():
             value = json.loads(raw)
             jobs.append(RunningJob(raw_id.decode(), value["worker"], value["model"]))
         return jobs
@@ -282,7 +283,10 @@ class JobStore:
             return False
         kind, owner, started = (
             v.decode() if v else None
-            for v in self.redis.hmget(job_key(job_id), "kind", "owner", "started_at")
+            for v in cast(
+                "list[bytes | None]",
+                self.redis.hmget(job_key(job_id), "kind", "owner", "started_at"),
+            )
         )
         pipe = self.redis.pipeline(transaction=False)
         pipe.expire(job_key(job_id), ttl_s)
@@ -315,7 +319,7 @@ class JobStore:
 
     def active_count(self, owner: str) -> int:
         """The owner's queued and running jobs (the quota); prunes ended ones from the set."""
-        ids = [i.decode() for i in self.redis.smembers(active_set(owner))]
+        ids = [i.decode() for i in cast("set[bytes]", self.redis.smembers(active_set(owner)))]
         if not ids:
             return 0
         pipe = self.redis.pipeline(transaction=False)
@@ -334,7 +338,11 @@ class JobStore:
     def list_ids(self, owner: str, limit: int, offset: int = 0) -> list[str]:
         """The owner's job ids, newest first; expired records are pruned from the index."""
         ids = [
-            i.decode() for i in self.redis.zrevrange(owner_index(owner), offset, offset + limit - 1)
+            i.decode()
+            for i in cast(
+                "list[bytes]",
+                self.redis.zrevrange(owner_index(owner), offset, offset + limit - 1),
+            )
         ]
         alive = self._exist(ids)
         dead = [i for i, ok in zip(ids, alive, strict=True) if not ok]
@@ -345,7 +353,10 @@ class JobStore:
     def prune_index(self, owner_key: str, older_than: float) -> int:
         """Drop expired jobs created before ``older_than`` (a timestamp) from an owner's
         index; the sweeper calls it so that indexes of idle owners do not grow forever."""
-        ids = [i.decode() for i in self.redis.zrangebyscore(owner_key, "-inf", older_than)]
+        ids = [
+            i.decode()
+            for i in cast("list[bytes]", self.redis.zrangebyscore(owner_key, "-inf", older_than))
+        ]
         dead = [i for i, ok in zip(ids, self._exist(ids), strict=True) if not ok]
         if dead:
             self.redis.zrem(owner_key, *dead)

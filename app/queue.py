@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any
+from typing import Any, cast
 
 import redis
 from rq import Queue
@@ -88,4 +88,5 @@ def publish_model_info(connection: redis.Redis, name: str, info: dict[str, Any])
 
 
 def model_infos(connection: redis.Redis) -> dict[str, dict[str, Any]]:
-    return {k.decode(): json.loads(v) for k, v in connection.hgetall(MODELS_KEY).items()}
+    infos = cast("dict[bytes, bytes]", connection.hgetall(MODELS_KEY))
+    return {k.decode(): json.loads(v) for k, v in infos.items()}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TypeGuard
 
@@ -126,7 +126,9 @@ def forward(lm: LoadedModel, items: Sequence[Prepared]) -> SharedPass:
         wanted.add("block_output")
     sites = [s for s in CAPTURABLE_SITES if s in wanted]
     with torch.inference_mode():
-        recording = record_sites(lm.adapter, layers, sites) if traces else nullcontext({})
+        recording: AbstractContextManager[dict[str, torch.Tensor]] = (
+            record_sites(lm.adapter, layers, sites) if traces else nullcontext({})
+        )
         with recording as captured:
             logits = lm.model(
                 input_ids=combined.input_ids, attention_mask=combined.attention_mask

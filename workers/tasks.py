@@ -18,7 +18,7 @@ import logging
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pydantic import TypeAdapter, ValidationError
@@ -164,7 +164,7 @@ def _claim(
     chosen = [leader]
     conn = rt.store.redis
     queue_key = queue.model_queue(conn, doc.model).key
-    ids = [i.decode() for i in conn.lrange(queue_key, 0, CLAIM_SCAN - 1)]
+    ids = [i.decode() for i in cast("list[bytes]", conn.lrange(queue_key, 0, CLAIM_SCAN - 1))]
     pipe = conn.pipeline(transaction=False)
     for job_id in ids:
         pipe.hmget(job_key(job_id), "kind", "status")

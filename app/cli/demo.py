@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,13 @@ def _ablate(
         res = _timed(
             console,
             f"ablate job ({keep})",
-            lambda keep=keep: lens.ablate(
-                texts=prompts, targets=targets, from_job=job.id, keep=keep, progress=False
+            partial(
+                lens.ablate,
+                texts=prompts,
+                targets=targets,
+                from_job=job.id,
+                keep=keep,
+                progress=False,
             ),
         )
         s = res.job_summary

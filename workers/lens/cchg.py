@@ -144,6 +144,7 @@ def fit_cchg(
         push = (lp_forget - lp_retain.detach()).clamp(min=-diff_clip).mean(dim=1)
         objective = -lp_retain.mean(dim=1) + push - l1_weight * clamped_logit_mean(logits)
         objective.sum().backward()
+        assert logits.grad is not None
         clip_per_set(logits.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

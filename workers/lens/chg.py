@@ -169,6 +169,7 @@ def _fit_stage(
             loss = (batch_nll - weights * clamped_logit_mean(logits)).sum() / accum
             loss.backward()
             nll[update] += batch_nll.detach() / accum
+        assert logits.grad is not None
         clip_per_set(logits.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

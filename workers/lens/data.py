@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -135,7 +135,7 @@ def _split_tokens(
         ]
     full = [p + t for p, t in zip(prompts, targets, strict=True)]
     enc = tokenizer(full, add_special_tokens=True, return_offsets_mapping=True)
-    pairs = []
+    pairs: list[tuple[list[int], list[int]]] = []
     for prompt, ids, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"], strict=True):
         cut = len(prompt)
         # A token whose span was trimmed to nothing (a lone space) sits at its position.
@@ -234,7 +234,7 @@ def _single_token_words(tokenizer: PreTrainedTokenizerBase, rng: random.Random) 
             w
             for i in ids
             if i not in special
-            and (w := tokenizer.decode([i]).strip())
+            and (w := cast(str, tokenizer.decode([i])).strip())
             and not any(c.isspace() for c in w)
         }
     )

@@ -20,6 +20,8 @@ models whose parts are not exactly these.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +73,7 @@ def gated_logits(
         block, attention = parts.block, parts.attention
         last = layer == len(adapter.blocks) - 1
         where = None if not last else at if shared else at.repeat(sets, 1)
-        heads = _attend(attention, block.input_layernorm(hidden), cos, sin, where)
+        heads = _attend(attention, cast(nn.Module, block.input_layernorm)(hidden), cos, sin, where)
         if where is not None:
             hidden = _gather(hidden, where)
         g = gates[:, layer].to(heads.dtype)
@@ -82,7 +84,7 @@ def gated_logits(
         else:
             gated = heads.unflatten(0, (sets, rows)) * g[:, None, None, :, None]
             hidden = hidden + parts.o_proj(gated.flatten(-2).flatten(0, 1))
-        hidden = hidden + parts.mlp(block.post_attention_layernorm(hidden))
+        hidden = hidden + parts.mlp(cast(nn.Module, block.post_attention_layernorm)(hidden))
     return adapter.logit_transform(adapter.lm_head(adapter.final_norm(hidden)))
 
 
@@ -97,12 +99,12 @@ def _attend(
     head_dim], at every position or, given ``where`` [rows, q], at those positions only."""
     rows, seq, _ = x.shape
     head_dim = attention.head_dim
-    k = attention.k_proj(x).view(rows, seq, -1, head_dim)
-    v = attention.v_proj(x).view(rows, seq, -1, head_dim).transpose(1, 2)
+    k = cast(nn.Module, attention.k_proj)(x).view(rows, seq, -1, head_dim)
+    v = cast(nn.Module, attention.v_proj)(x).view(rows, seq, -1, head_dim).transpose(1, 2)
     queried = x if where is None else _gather(x, where)
-    q = attention.q_proj(queried).view(rows, queried.shape[1], -1, head_dim)
+    q = cast(nn.Module, attention.q_proj)(queried).view(rows, queried.shape[1], -1, head_dim)
     if hasattr(attention, "q_norm"):
-        q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k = cast(nn.Module, attention.q_norm)(q), cast(nn.Module, attention.k_norm)(k)
     k = _rotate(k.transpose(1, 2), cos[:, None], sin[:, None])
     if where is None:
         q = _rotate(q.transpose(1, 2), cos[:, None], sin[:, None])
@@ -116,7 +118,7 @@ def _attend(
         v,
         attn_mask=mask,
         is_causal=mask is None,
-        scale=attention.scaling,
+        scale=cast(float, attention.scaling),
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.transpose(1, 2)

@@ -18,11 +18,11 @@ take a pass written out in ``workers.lens.gated_decoder`` instead, which goes fu
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import cache
-from typing import Any
+from typing import Any, cast
 from weakref import WeakKeyDictionary
 
 import torch
@@ -82,7 +82,7 @@ def _forward(
         with _autocast(lm.device):
             return gated_decoder.gated_logits(lm, input_ids, gates, kept, pick)
     sets, rows = gates.shape[0], input_ids.shape[0]
-    extra = {"logits_to_keep": kept} if _keeps_logits(type(lm.model)) else {}
+    extra = {"logits_to_keep": kept} if _keeps_logits(cast(Hashable, type(lm.model))) else {}
     picked = pick.repeat(sets, 1)
     with ExitStack() as stack:
         stack.enter_context(head_gates(lm.adapter, gates.repeat_interleave(rows, dim=0)))
@@ -133,7 +133,7 @@ def _probe(lm: LoadedModel) -> Shortcuts:
 
 
 @cache
-def _keeps_logits(model_type: type) -> bool:
+def _keeps_logits(model_type: type[nn.Module]) -> bool:
     return "logits_to_keep" in inspect.signature(model_type.forward).parameters
 
 

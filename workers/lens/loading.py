@@ -77,7 +77,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dt, use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    model.to(dev).eval()
+    model.to(dev).eval()  # type: ignore[arg-type]  # transformers' @wraps(Module.to) loses self
     model.requires_grad_(False)
     return LoadedModel(
         source=source,

@@ -61,13 +61,14 @@ def from_logits(
     rows = torch.arange(batch.input_ids.shape[0], device=raw.device)
     tensors: dict[str, torch.Tensor] = {}
     final = raw[rows, batch.last_positions].float() / temperature
-    if not final_token_only and top_k is None:
-        # x / 1.0 == x exactly: skip a copy of the largest tensor at the default temperature
-        tensors["logits"] = raw.float() if temperature == 1 else raw.float() / temperature
-    elif not final_token_only:
-        values, ids = raw.topk(top_k, dim=-1)
-        tensors["top_k_logits"] = values.float() / temperature
-        tensors["top_k_ids"] = ids
+    if not final_token_only:
+        if top_k is None:
+            # x / 1.0 == x exactly: skip a copy of the largest tensor at the default temperature
+            tensors["logits"] = raw.float() if temperature == 1 else raw.float() / temperature
+        else:
+            values, ids = raw.topk(top_k, dim=-1)
+            tensors["top_k_logits"] = values.float() / temperature
+            tensors["top_k_ids"] = ids
     best_prob, best_id = final.softmax(dim=-1).max(dim=-1)
     tensors |= {
         "final_token_logits": final,

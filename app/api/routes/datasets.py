@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 import redis
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -29,7 +29,7 @@ _CONTENT_TYPES = {
 
 def dataset_record(conn: redis.Redis, dataset_id: str) -> tuple[str, int] | None:
     """The data set's owner and row count, while it has not expired."""
-    owner, rows = conn.hmget(dataset_key(dataset_id), "owner", "rows")
+    owner, rows = cast("list[bytes | None]", conn.hmget(dataset_key(dataset_id), "owner", "rows"))
     return (owner.decode(), int(rows or 0)) if owner else None
 
 
