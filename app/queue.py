@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any, cast
 
 import redis
@@ -39,6 +40,33 @@ def enqueue(connection: redis.Redis, model: str, job_id: str, timeout_s: int) ->
         result_ttl=0,
         failure_ttl=24 * 3600,
     )
+
+
+SUBMITTING_TTL_S = 30
+"""A submission counter left by an API process that died mid-request fades after this."""
+
+
+def submitting_key(model: str, kind: str) -> str:
+    return f"{PREFIX}:submitting:{model}:{kind}"
+
+
+@contextlib.contextmanager
+def submitting(connection: redis.Redis, model: str, kind: str) -> Iterator[None]:
+    """Count a submission of ``kind`` for ``model`` as in flight while the API handles it,
+    so that a worker about to run a batchable job knows companions are on their way."""
+    key = submitting_key(model, kind)
+    pipe = connection.pipeline(transaction=False)
+    pipe.incr(key)
+    pipe.expire(key, SUBMITTING_TTL_S)
+    pipe.execute()
+    try:
+        yield
+    finally:
+        connection.decr(key)
+
+
+def submissions_in_flight(connection: redis.Redis, model: str, kind: str) -> int:
+    return int(cast(bytes | None, connection.get(submitting_key(model, kind))) or 0)
 
 
 def queue_position(connection: redis.Redis, model: str, job_id: str) -> int | None:

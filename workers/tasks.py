@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ _requests: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 
 CLAIM_SCAN = 64
 """Queued jobs looked at, from the head of the queue, for companions of a batchable job."""
+SUBMISSION_POLL_S = 0.002
 
 
 @dataclass
@@ -116,6 +118,7 @@ def run_job(job_id: str) -> None:
         limits.check_tokens(job, lm.tokenizer, rt.limits, rt.dataset_dir)
         leader = _prepare(lm, job)
         if leader is not None:
+            _await_submissions(rt, doc, leader)
             _run_shared(rt, lm, [_Member(doc, leader), *_claim(rt, lm, doc, leader)])
             return
         ctx = JobContext(
@@ -154,6 +157,19 @@ def _prepare(lm: LoadedModel, job: JobRequest) -> batcher.Prepared | None:
         return batcher.prepare(lm, job)
     except LensError:
         return None
+
+
+def _await_submissions(rt: Runtime, doc: JobDocument, leader: batcher.Prepared) -> None:
+    """While the API is still taking jobs of ``doc``'s kind for its model (a burst), wait
+    for them to be queued, up to the model's ``batch_wait_ms``: they then share this pass
+    instead of the next ones. A lone job, or a stream of one user's jobs, never waits."""
+    spec = rt.registry.specs[doc.model]
+    if batcher.is_full([leader], spec.max_batch_tokens):
+        return
+    conn = rt.store.redis
+    deadline = time.monotonic() + spec.batch_wait_ms / 1000
+    while queue.submissions_in_flight(conn, doc.model, doc.kind) and time.monotonic() < deadline:
+        time.sleep(SUBMISSION_POLL_S)
 
 
 def _claim(

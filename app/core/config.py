@@ -35,6 +35,14 @@ class ModelSpec(BaseModel):
     dtype: str | None = Field(None, description="float32, float16 or bfloat16; default by device.")
     trust_remote_code: bool = False
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget of one forward pass.")
+    batch_wait_ms: float = Field(
+        50.0,
+        ge=0,
+        description="When a worker starts a score or trace job while more jobs of that kind "
+        "for this model are being submitted, it waits up to this long for them to be queued, "
+        "so that they share its forward pass (0: never wait). With nothing in flight it "
+        "starts at once.",
+    )
     workers: list[str] | None = Field(
         None,
         description="Names of the workers that serve it (lens worker --name); default every "

@@ -8,6 +8,7 @@ are all waiting when the first one runs. Every job must end as if it had run alo
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,51 @@ def test_queued_score_jobs_share_one_pass_and_each_gets_its_own_result(
     assert queue.queue_depth(conn, MODEL) == 0
     assert not any(conn.exists(Job.key_for(i)) for i in ids if i != ids[4])
     assert rt.store.redis.hlen("lens:running") == 0
+
+
+def wait_ms(registry: ModelRegistry, ms: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = registry.specs[MODEL].model_copy(update={"batch_wait_ms": ms})
+    monkeypatch.setitem(registry.specs, MODEL, spec)
+
+
+def test_jobs_still_being_submitted_join_the_pass_that_is_starting(
+    rt: tasks.Runtime, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first job is running (held at its start by a submission in flight) before the
+    others are queued: only the wait for in-flight submissions can put them in its pass."""
+    wait_ms(registry, 10_000, monkeypatch)
+    first = submit(rt, ScoreJob(model=MODEL, texts=SHORT))
+    later = [ScoreJob(model=MODEL, texts=MEDIUM), ScoreJob(model=MODEL, texts=[LONG, SHORT])]
+    later_ids: list[str] = []
+
+    def api_busy_with_a_burst() -> None:
+        with queue.submitting(rt.store.redis, MODEL, "score"):
+            while rt.store.get(first).document.status is not JobStatus.RUNNING:
+                time.sleep(0.01)
+            time.sleep(0.5)  # the tiny model's pass would be long over, were it not waiting
+            later_ids.extend(submit(rt, job) for job in later)
+
+    burst = threading.Thread(target=api_busy_with_a_burst)
+    burst.start()
+    started = time.monotonic()
+    work(rt)
+    burst.join()
+    assert time.monotonic() - started < 10, "it stopped waiting when the burst was queued"
+    assert rt.batching.passes == 1 and rt.batching.largest == 3
+    for job_id, job in zip(later_ids, later, strict=True):
+        assert_as_alone(rt, job_id, job)
+
+
+def test_with_nothing_in_flight_a_job_starts_at_once(
+    rt: tasks.Runtime, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wait_ms(registry, 10_000, monkeypatch)
+    rt.store.redis.set(queue.submitting_key(MODEL, "trace"), 1)  # another kind: no reason
+    job_id = submit(rt, ScoreJob(model=MODEL, texts=SHORT))
+    started = time.monotonic()
+    work(rt)
+    assert time.monotonic() - started < 5
+    assert rt.store.get(job_id).document.status is JobStatus.SUCCEEDED
 
 
 def test_queued_trace_jobs_keep_their_layers_sites_positions_and_dtype(

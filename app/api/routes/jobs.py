@@ -16,6 +16,7 @@ from app import queue
 from app.api import validation
 from app.api.deps import BlobsDep, OwnedJobDep, OwnerDep, RedisDep, SettingsDep, StoreDep
 from app.api.routes.datasets import dataset_record
+from app.core.config import Settings
 from app.jobstore import JobRecord, JobStore, events_channel
 from app.maintenance import dataset_key
 from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
@@ -49,6 +50,18 @@ def submit_job(
             status.HTTP_404_NOT_FOUND,
             f"model {job.model!r} is not served here; served: {sorted(settings.models)}",
         )
+    with queue.submitting(conn, job.model, job.kind):
+        return _queue_job(job, request, owner, settings, store, conn)
+
+
+def _queue_job(
+    job: JobRequest,
+    request: Request,
+    owner: str,
+    settings: Settings,
+    store: JobStore,
+    conn: redis.Redis,
+) -> JobDocument:
     validation.check_limits(job, settings.limits)
     info = queue.model_infos(conn).get(job.model)
     if info is not None:
