@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from typing import Any, cast
 
 import redis
@@ -50,19 +49,33 @@ def submitting_key(model: str, kind: str) -> str:
     return f"{PREFIX}:submitting:{model}:{kind}"
 
 
-@contextlib.contextmanager
-def submitting(connection: redis.Redis, model: str, kind: str) -> Iterator[None]:
-    """Count a submission of ``kind`` for ``model`` as in flight while the API handles it,
-    so that a worker about to run a batchable job knows companions are on their way."""
-    key = submitting_key(model, kind)
-    pipe = connection.pipeline(transaction=False)
-    pipe.incr(key)
-    pipe.expire(key, SUBMITTING_TTL_S)
-    pipe.execute()
-    try:
-        yield
-    finally:
-        connection.decr(key)
+class Submission:
+    """A submission of ``kind`` for ``model``, counted as in flight from entering the
+    context until :meth:`done` (or the context's end), so that a worker about to run a
+    batchable job knows companions are on their way. Call ``done`` just before enqueueing:
+    a worker that takes the job must not wait for the job's own submission."""
+
+    def __init__(self, connection: redis.Redis, model: str, kind: str) -> None:
+        self._redis, self._key, self._open = connection, submitting_key(model, kind), False
+
+    def __enter__(self) -> Submission:
+        self.open()
+        return self
+
+    def open(self) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.incr(self._key)
+        pipe.expire(self._key, SUBMITTING_TTL_S)
+        pipe.execute()
+        self._open = True
+
+    def __exit__(self, *_exc: object) -> None:
+        self.done()
+
+    def done(self) -> None:
+        if self._open:
+            self._open = False
+            self._redis.decr(self._key)
 
 
 def submissions_in_flight(connection: redis.Redis, model: str, kind: str) -> int:

@@ -44,7 +44,10 @@ _requests: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 
 CLAIM_SCAN = 64
 """Queued jobs looked at, from the head of the queue, for companions of a batchable job."""
-SUBMISSION_POLL_S = 0.002
+SUBMISSION_POLL_S = 0.001
+SUBMISSIONS_QUIET_S = 0.005
+"""How long no submission must be in flight before a waiting burst counts as queued:
+the API's handlers come one after another, with short gaps between them."""
 
 
 @dataclass
@@ -160,54 +163,89 @@ def _prepare(lm: LoadedModel, job: JobRequest) -> batcher.Prepared | None:
 
 
 def _await_submissions(rt: Runtime, doc: JobDocument, leader: batcher.Prepared) -> None:
-    """While the API is still taking jobs of ``doc``'s kind for its model (a burst), wait
-    for them to be queued, up to the model's ``batch_wait_ms``: they then share this pass
-    instead of the next ones. A lone job, or a stream of one user's jobs, never waits."""
+    """While the API is taking jobs of ``doc``'s kind for its model (a burst), wait until
+    no such submission has been in flight for ``SUBMISSIONS_QUIET_S``, or for the model's
+    ``batch_wait_ms`` at most: the burst then shares this pass instead of the next ones.
+    A lone job, or one user's jobs one after another, finds nothing in flight and starts
+    at once."""
     spec = rt.registry.specs[doc.model]
-    if batcher.is_full([leader], spec.max_batch_tokens):
-        return
     conn = rt.store.redis
-    deadline = time.monotonic() + spec.batch_wait_ms / 1000
-    while queue.submissions_in_flight(conn, doc.model, doc.kind) and time.monotonic() < deadline:
+    if batcher.is_full([leader], spec.max_batch_tokens) or not queue.submissions_in_flight(
+        conn, doc.model, doc.kind
+    ):
+        return
+    now = time.monotonic()
+    deadline, quiet_since = now + spec.batch_wait_ms / 1000, None
+    while now < deadline:
+        if queue.submissions_in_flight(conn, doc.model, doc.kind):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= SUBMISSIONS_QUIET_S:
+            return
         time.sleep(SUBMISSION_POLL_S)
+        now = time.monotonic()
 
 
 def _claim(
     rt: Runtime, lm: LoadedModel, doc: JobDocument, leader: batcher.Prepared
 ) -> list[_Member]:
-    """Take queued jobs of ``doc``'s kind and model that fit the model's token budget."""
+    """Take queued jobs of ``doc``'s kind and model that fit the model's token budget,
+    scanning the queue again while each scan finds new jobs (a burst still landing)."""
     budget = rt.registry.specs[doc.model].max_batch_tokens
     chosen = [leader]
     conn = rt.store.redis
     queue_key = queue.model_queue(conn, doc.model).key
-    ids = [i.decode() for i in cast("list[bytes]", conn.lrange(queue_key, 0, CLAIM_SCAN - 1))]
-    pipe = conn.pipeline(transaction=False)
-    for job_id in ids:
-        pipe.hmget(job_key(job_id), "kind", "status")
+    seen: set[str] = set()
     members: list[_Member] = []
-    for job_id, (kind, status) in zip(ids, pipe.execute(), strict=True):
-        if batcher.is_full(chosen, budget):
+    while not batcher.is_full(chosen, budget):
+        queued = cast("list[bytes]", conn.lrange(queue_key, 0, CLAIM_SCAN - 1))
+        ids = [i.decode() for i in queued if i.decode() not in seen]
+        if not ids:
             break
-        if kind is None or kind.decode() != doc.kind or status != JobStatus.QUEUED.encode():
-            continue
-        record = rt.store.get(job_id)
-        if record is None:
-            continue
-        try:
-            companion = _parse(record.document)
-            limits.check_tokens(companion, lm.tokenizer, rt.limits, rt.dataset_dir)
-            prepared = _prepare(lm, companion)
-        except Exception:  # it fails alone, with its own error, in its turn
-            continue
-        if prepared is None or batcher.padded_tokens([*chosen, prepared]) > budget:
-            continue
-        if _take(rt, queue_key, job_id):
-            chosen.append(prepared)
-            members.append(_Member(record.document, prepared))
-            log.info(
-                "job %s: running %s on %s, batched with %s", job_id, doc.kind, doc.model, doc.id
-            )
+        seen.update(ids)
+        pipe = conn.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(job_key(job_id), "kind", "status")
+        for job_id, (kind, status) in zip(ids, pipe.execute(), strict=True):
+            if batcher.is_full(chosen, budget):
+                break
+            if kind is None or kind.decode() != doc.kind or status != JobStatus.QUEUED.encode():
+                continue
+            member = _companion(rt, lm, doc, job_id, chosen, queue_key)
+            if member is not None:
+                chosen.append(member.prepared)
+                members.append(member)
     return members
+
+
+def _companion(
+    rt: Runtime,
+    lm: LoadedModel,
+    leader: JobDocument,
+    job_id: str,
+    chosen: list[batcher.Prepared],
+    queue_key: str,
+) -> _Member | None:
+    """The queued job ``job_id``, taken, if it is valid and fits beside ``chosen``."""
+    budget = rt.registry.specs[leader.model].max_batch_tokens
+    record = rt.store.get(job_id)
+    if record is None:
+        return None
+    try:
+        companion = _parse(record.document)
+        limits.check_tokens(companion, lm.tokenizer, rt.limits, rt.dataset_dir)
+        prepared = _prepare(lm, companion)
+    except Exception:  # it fails alone, with its own error, in its turn
+        return None
+    if prepared is None or batcher.padded_tokens([*chosen, prepared]) > budget:
+        return None
+    if not _take(rt, queue_key, job_id):
+        return None
+    log.info(
+        "job %s: running %s on %s, batched with %s", job_id, leader.kind, leader.model, leader.id
+    )
+    return _Member(record.document, prepared)
 
 
 def _take(rt: Runtime, queue_key: str, job_id: str) -> bool:

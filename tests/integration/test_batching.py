@@ -173,7 +173,7 @@ def test_jobs_still_being_submitted_join_the_pass_that_is_starting(
     later_ids: list[str] = []
 
     def api_busy_with_a_burst() -> None:
-        with queue.submitting(rt.store.redis, MODEL, "score"):
+        with queue.Submission(rt.store.redis, MODEL, "score"):
             while rt.store.get(first).document.status is not JobStatus.RUNNING:
                 time.sleep(0.01)
             time.sleep(0.5)  # the tiny model's pass would be long over, were it not waiting

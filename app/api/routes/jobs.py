@@ -11,6 +11,7 @@ import redis
 from fastapi import APIRouter, Body, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, StreamingResponse
 from redis.client import PubSub
+from starlette.concurrency import run_in_threadpool
 
 from app import queue
 from app.api import validation
@@ -36,7 +37,7 @@ def _with_position(record: JobRecord, store: JobStore) -> JobDocument:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobDocument)
-def submit_job(
+async def submit_job(
     job: Annotated[JobRequest, Body(description="The job: its kind, model and parameters.")],
     request: Request,
     owner: OwnerDep,
@@ -44,14 +45,24 @@ def submit_job(
     store: StoreDep,
     conn: RedisDep,
 ) -> JobDocument:
-    """Validate a job against its model and the operator's limits, then queue it."""
+    """Validate a job against its model and the operator's limits, then queue it.
+
+    The submission counts as in flight from the moment its body is parsed (``async``, so
+    every request of a burst gets there before the thread pool runs the first one), which
+    is what lets a worker wait for the rest of a burst (``workers.tasks``)."""
     if job.model not in settings.models:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
             f"model {job.model!r} is not served here; served: {sorted(settings.models)}",
         )
-    with queue.submitting(conn, job.model, job.kind):
-        return _queue_job(job, request, owner, settings, store, conn)
+    submission = queue.Submission(conn, job.model, job.kind)
+    await run_in_threadpool(submission.open)
+    try:
+        return await run_in_threadpool(
+            _queue_job, job, request, owner, settings, store, conn, submission
+        )
+    finally:
+        await run_in_threadpool(submission.done)
 
 
 def _queue_job(
@@ -61,6 +72,7 @@ def _queue_job(
     settings: Settings,
     store: JobStore,
     conn: redis.Redis,
+    submission: queue.Submission,
 ) -> JobDocument:
     validation.check_limits(job, settings.limits)
     info = queue.model_infos(conn).get(job.model)
@@ -88,6 +100,7 @@ def _queue_job(
         kind=job.kind, model=job.model, owner=owner, params=validation.public_params(job)
     )
     request.state.job_id = doc.id
+    submission.done()
     try:
         queue.enqueue(conn, job.model, doc.id, settings.job_timeout_s)
     except Exception:
