@@ -7,6 +7,7 @@ uvicorn on a free port, and workers are real ``lens worker`` processes.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -64,10 +65,19 @@ def service(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
     settings = service_settings(
         data_dir, {DEMO: demo_model_dir}, results_dir=data_dir / "results", torch_threads=1
     )
+    with running_stack(settings) as stack:
+        yield stack
+
+
+@contextmanager
+def running_stack(
+    settings: Settings, serves: list[str] | None = None, timeout: float = 180
+) -> Iterator[Stack]:
+    """A stack with one worker (serving ``serves``, default all), ready to take jobs."""
     stack = Stack(settings)
     try:
-        stack.start(workers=1)
-        stack.wait_ready(timeout=180)
+        stack.start(workers=1, serves=serves)
+        stack.wait_ready(timeout=timeout, models=serves)
         yield stack
     finally:
         stack.stop()

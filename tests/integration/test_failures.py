@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import queue
 from app.core.redis_server import start_redis
 from app.stack import Stack
-from tests.conftest import DEMO, service_settings
+from tests.conftest import DEMO, running_stack, service_settings
 
 HEARTBEAT_S = 1.0
 BOUND_S = 4 * HEARTBEAT_S
@@ -45,13 +45,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
     settings = service_settings(
         tmp_path_factory.mktemp("failures"), {DEMO: demo_model_dir, "idle": demo_model_dir}
     ).model_copy(update={"heartbeat_s": HEARTBEAT_S, "worker_memory_mb": 300})
-    stack = Stack(settings)
-    try:
-        stack.start(workers=1, serves=[DEMO])
-        stack.wait_ready(timeout=180, models=[DEMO])
+    with running_stack(settings, serves=[DEMO]) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture

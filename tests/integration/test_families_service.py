@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from app.stack import Stack
-from tests.conftest import service_settings
+from tests.conftest import running_stack, service_settings
 from tests.integration.test_service import submit, wait
 from workers.lens.testing import FAMILIES, build_tiny_model
 
@@ -22,13 +22,9 @@ TARGETS = [" Paris.", " four"]
 def family_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     models_dir = tmp_path_factory.mktemp("families")
     models = {f: build_tiny_model(f, models_dir / f) for f in FAMILIES}
-    stack = Stack(service_settings(tmp_path_factory.mktemp("family-service"), models))
-    try:
-        stack.start(workers=1)
-        stack.wait_ready(timeout=300)
+    settings = service_settings(tmp_path_factory.mktemp("family-service"), models)
+    with running_stack(settings, timeout=300) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")

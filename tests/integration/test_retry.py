@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.stack import Stack
-from tests.conftest import DEMO, service_settings
+from tests.conftest import DEMO, running_stack, service_settings
 from tests.integration.test_failures import final, fitting, poll, submit
 
 PAIRS = {"texts": ["red cat blue dog | red cat blue", "one two | one"], "targets": [" dog", " two"]}
@@ -28,13 +28,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
         {DEMO: demo_model_dir},
         retry_lost_jobs=True,
     )
-    stack = Stack(settings)
-    try:
-        stack.start(workers=1)
-        stack.wait_ready(timeout=180)
+    with running_stack(settings) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture
