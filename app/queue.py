@@ -72,6 +72,10 @@ class Submission:
     def __exit__(self, *_exc: object) -> None:
         self.done()
 
+    @property
+    def in_flight(self) -> bool:
+        return self._open
+
     def done(self) -> None:
         if self._open:
             self._open = False

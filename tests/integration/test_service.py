@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import torch
 from safetensors import safe_open
 from safetensors.torch import load
@@ -152,6 +153,24 @@ def test_bad_parameters_are_422_naming_the_field(
     r = http.post("/v1/jobs", json={"model": DEMO, **body})
     assert r.status_code == 422, r.text
     assert field in json.dumps(r.json()["detail"])
+
+
+def test_submissions_in_flight_count_back_to_zero(http: httpx.Client, service: Stack) -> None:
+    """Refused submissions (checked before or after the count goes up) and queued ones
+    alike leave no count behind: a leftover would hold up every batchable job."""
+    from app import queue
+
+    bodies = [
+        {"kind": "score", "texts": "one two"},
+        {"kind": "score", "texts": "a", "layers": [0]},  # 422 before the handler
+        {"kind": "trace", "texts": "a", "layers": [99]},  # 422 in the handler
+        {"kind": "score", "texts": ["a"] * 1000},  # over max_texts: 413 in the handler
+    ]
+    for body in bodies:
+        http.post("/v1/jobs", json={"model": DEMO, **body})
+    conn = redis.Redis.from_url(service.settings.redis_url)
+    for kind in ("score", "trace"):
+        assert int(conn.get(queue.submitting_key(DEMO, kind)) or 0) == 0, kind
 
 
 def test_unknown_job_is_404(http: httpx.Client) -> None:

@@ -62,7 +62,8 @@ async def submit_job(
             _queue_job, job, request, owner, settings, store, conn, submission
         )
     finally:
-        await run_in_threadpool(submission.done)
+        if submission.in_flight:  # only when it failed before being queued
+            await run_in_threadpool(submission.done)
 
 
 def _queue_job(
