@@ -85,10 +85,10 @@ class ProgressReporter:
                 unit="step",
                 leave=True,
             )
-        self._bar.n = report.step
         if report.loss is not None:
             self._bar.set_postfix(loss=f"{report.loss:.4g}", refresh=False)
-        self._bar.refresh()
+        # update() redraws at most every mininterval (a fit reports hundreds of steps a second)
+        self._bar.update(report.step - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:
