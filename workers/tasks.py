@@ -8,7 +8,9 @@ model, up to the model's token budget (``ModelSpec.max_batch_tokens``), and runs
 all in one padded forward pass (:mod:`workers.batcher`). Each job taken is removed
 from the RQ queue atomically (LREM) before it is marked running, so no other worker
 can run it too; a job it cannot take (cancelled, taken by another worker, invalid,
-over the budget) stays queued and runs alone.
+over the budget) stays queued and runs alone. If the API is still taking jobs of that
+kind for the model when such a job starts (a burst), it first waits for them to be
+queued, up to ``ModelSpec.batch_wait_ms``.
 """
 
 from __future__ import annotations
