@@ -13,9 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
 from app.core.config import Limits, ModelSpec, Settings
 from app.core.redis_server import RedisServer, free_port, start_redis
+from app.main import create_app
 from app.stack import Stack
 
 DEMO = "demo"
@@ -81,6 +83,27 @@ def running_stack(
         yield stack
     finally:
         stack.stop()
+
+
+@contextmanager
+def api_client(
+    redis_server: RedisServer,
+    data_dir: Path,
+    keys: list[str],
+    headers: dict[str, str] | None = None,
+    **overrides: object,
+) -> Iterator[TestClient]:
+    """The API in-process (no worker) with API ``keys``, serving a model ``m`` that no
+    worker loads: for what the API decides on its own (auth, limits)."""
+    settings = Settings(
+        redis_url=redis_server.url,
+        data_dir=data_dir,
+        models={"m": ModelSpec(source="/nowhere")},
+        api_keys=keys,
+        **overrides,
+    )
+    with TestClient(create_app(settings), headers=headers) as client:
+        yield client
 
 
 @pytest.fixture

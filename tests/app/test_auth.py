@@ -16,9 +16,9 @@ from app import queue
 from app.api.deps import owner_of_key
 from app.blobstore import BlobStore
 from app.cli.main import _check_exposure, load_settings
-from app.core.config import ModelSpec, Settings
+from app.core.config import Settings
 from app.core.redis_server import RedisServer
-from app.main import create_app
+from tests.conftest import api_client
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-fedcba9876543210"
 SCORE = {"kind": "score", "model": "m", "texts": ["one two"]}
@@ -32,13 +32,7 @@ def auth(key: str) -> dict[str, str]:
 def client(
     redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
 ) -> Iterator[TestClient]:
-    settings = Settings(
-        redis_url=redis_server.url,
-        data_dir=tmp_path,
-        models={"m": ModelSpec(source="/nowhere")},
-        api_keys=[ALICE, BOB],
-    )
-    with TestClient(create_app(settings)) as c:
+    with api_client(redis_server, tmp_path, [ALICE, BOB]) as c:
         yield c
 
 

@@ -12,9 +12,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from app.core.config import Limits, ModelSpec, Settings
+from app.core.config import Limits, Settings
 from app.core.redis_server import RedisServer
-from app.main import create_app
+from tests.conftest import api_client
 
 LIMITS = Limits(
     max_texts=3,
@@ -37,14 +37,7 @@ def auth(i: int) -> dict[str, str]:
 def client(
     redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
 ) -> Iterator[TestClient]:
-    settings = Settings(
-        redis_url=redis_server.url,
-        data_dir=tmp_path,
-        models={"m": ModelSpec(source="/nowhere")},
-        api_keys=KEYS,
-        limits=LIMITS,
-    )
-    with TestClient(create_app(settings), headers=auth(0)) as c:
+    with api_client(redis_server, tmp_path, KEYS, headers=auth(0), limits=LIMITS) as c:
         yield c
 
 
