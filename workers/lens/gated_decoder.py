@@ -37,22 +37,24 @@ _UNSUPPORTED_SETTINGS = ("clip_qkv", "attn_logit_softcapping")
 tokens may not notice (OLMo clamps q, k and v only past a bound)."""
 
 
-def applies(lm: LoadedModel, seq: int) -> bool:
-    """Whether ``lm`` is built as this pass assumes, for sequences of ``seq`` tokens.
-
-    Sliding-window attention only differs from full attention past the window, which
-    the check once per model would not see; longer sequences take the hooked pass.
-    """
+def applies(lm: LoadedModel) -> bool:
+    """Whether ``lm`` is built as this pass assumes (looked at once per model, when its
+    logits are checked; :func:`covers` then says which inputs it may take)."""
     config = lm.model.config
-    window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and seq > window:
-        return False
     if any(getattr(config, name, None) is not None for name in _UNSUPPORTED_SETTINGS):
         return False
     return _rotary(lm.adapter) is not None and all(
         _is_llama_block(parts.block, parts.attention, parts.o_proj, parts.mlp, parts.kind)
         for parts in lm.adapter.blocks
     )
+
+
+def covers(lm: LoadedModel, seq: int) -> bool:
+    """Whether sequences of ``seq`` tokens may take this pass. Sliding-window attention
+    only differs from full attention past the window, which the check once per model
+    would not see; longer sequences take the hooked pass."""
+    window = getattr(lm.model.config, "sliding_window", None)
+    return not (isinstance(window, int) and seq > window)
 
 
 def gated_logits(
@@ -64,7 +66,7 @@ def gated_logits(
     adapter = lm.adapter
     sets, (rows, seq) = gates.shape[0], input_ids.shape
     rotary = _rotary(adapter)
-    assert rotary is not None, "applies() is checked first"
+    assert rotary is not None, "applies() was checked first"
     at = seq - kept + pick
     hidden = adapter.input_embeddings(input_ids)
     cos, sin = rotary(hidden, torch.arange(seq, device=hidden.device)[None])

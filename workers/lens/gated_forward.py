@@ -78,7 +78,7 @@ def _forward(
     pick: torch.Tensor,
     use: Shortcuts,
 ) -> torch.Tensor:
-    if use.written_out and gated_decoder.applies(lm, input_ids.shape[1]):
+    if use.written_out and gated_decoder.covers(lm, input_ids.shape[1]):
         with _autocast(lm.device):
             return gated_decoder.gated_logits(lm, input_ids, gates, kept, pick)
     sets, rows = gates.shape[0], input_ids.shape[0]
@@ -124,7 +124,8 @@ def _probe(lm: LoadedModel) -> Shortcuts:
             return fast.shape == plain.shape and bool(((fast - plain).abs() <= tol * scale).all())
 
         return Shortcuts(
-            written_out=gated_decoder.applies(lm, _PROBE_SHAPE[1])
+            written_out=gated_decoder.applies(lm)
+            and gated_decoder.covers(lm, _PROBE_SHAPE[1])  # else the probe would not run it
             and exact(replace(none, written_out=True)),
             share_first_attention=exact(replace(none, share_first_attention=True)),
             trim_last_mlp=exact(replace(none, trim_last_mlp=True)),

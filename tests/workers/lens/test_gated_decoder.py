@@ -52,7 +52,7 @@ def test_matches_the_stock_forward(family: str, tmp_path: Path) -> None:
     """GQA (llama), q/k norms (qwen3), a routed MLP (mixtral), scaled embeddings (gemma),
     biases and LayerNorm (starcoder2)."""
     lm = load_model(str(build_tiny_model(family, tmp_path)))
-    assert gated_decoder.applies(lm, 8) and shortcuts(lm).written_out
+    assert gated_decoder.applies(lm) and shortcuts(lm).written_out
     _assert_same_pass(lm, seq=8)
 
 
@@ -73,14 +73,14 @@ def test_one_layer_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", ["gpt2", "olmo2", "phi3", "gemma2", "cohere"])
 def test_other_blocks_are_refused(family: str, tmp_path: Path) -> None:
     lm = load_model(str(build_tiny_model(family, tmp_path)))
-    assert not gated_decoder.applies(lm, 8)
+    assert not gated_decoder.applies(lm)
     assert not shortcuts(lm).written_out
 
 
 def test_past_a_sliding_window_the_hooked_pass_runs(tmp_path: Path) -> None:
     """The tiny Mistral has an 8-token window: longer inputs must not take this pass."""
     lm = load_model(str(build_tiny_model("mistral", tmp_path)))
-    assert gated_decoder.applies(lm, 8) and not gated_decoder.applies(lm, 12)
+    assert gated_decoder.covers(lm, 8) and not gated_decoder.covers(lm, 12)
     ids, logits = _inputs(lm, 12)
     with torch.no_grad():
         got = gated_logits(lm, ids, logits.sigmoid(), KEPT, PICK)
