@@ -176,17 +176,16 @@ def _await_submissions(rt: Runtime, doc: JobDocument, leader: batcher.Prepared) 
         conn, doc.model, doc.kind
     ):
         return
-    now = time.monotonic()
-    deadline, quiet_since = now + spec.batch_wait_ms / 1000, None
-    while now < deadline:
+    deadline, quiet_since = time.monotonic() + spec.batch_wait_ms / 1000, None
+    while time.monotonic() < deadline:
+        time.sleep(SUBMISSION_POLL_S)
+        now = time.monotonic()
         if queue.submissions_in_flight(conn, doc.model, doc.kind):
             quiet_since = None
         elif quiet_since is None:
             quiet_since = now
         elif now - quiet_since >= SUBMISSIONS_QUIET_S:
             return
-        time.sleep(SUBMISSION_POLL_S)
-        now = time.monotonic()
 
 
 def _claim(
