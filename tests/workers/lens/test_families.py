@@ -122,6 +122,8 @@ def test_every_site_is_present_with_its_shape(models: Models, family: str) -> No
             assert full[f"{site}.{layer}"].shape == (batch, seq, widths.get(site, a.hidden_size))
     for site in MODEL_SITES:
         assert full[site].shape == (batch, seq, a.hidden_size)
+    assert full["final_logits"].shape == (batch, seq, a.vocab_size)
+    assert "positions" not in full
 
 
 @pytest.mark.parametrize("family", FAMILIES)
