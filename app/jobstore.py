@@ -61,6 +61,63 @@ redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 0
 """
 
+# KEYS[1] = job hash, KEYS[2] = events channel, KEYS[3] = running index, optionally
+# KEYS[4] = a queue list to take the job from and KEYS[5] = the queue's copy of the job;
+# ARGV[1] = worker, ARGV[2] = start time (ISO), ARGV[3] = start time (epoch seconds),
+# ARGV[4] = job id. Returns the record's fields (HGETALL), or nil if the job is not queued
+# (or not in that queue).
+_START = """
+if KEYS[4] then
+  if redis.call('LREM', KEYS[4], 1, ARGV[4]) ~= 1 then return nil end
+  redis.call('DEL', KEYS[5])
+end
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return nil end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2],
+           'started_ts', ARGV[3])
+local model = redis.call('HGET', KEYS[1], 'model') or ''
+redis.call('HSET', KEYS[3], ARGV[4], cjson.encode({worker = ARGV[1], model = model}))
+redis.call('PUBLISH', KEYS[2], cjson.encode({event = 'status', status = 'running'}))
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# The end of a job, with all its bookkeeping: the status change (as _TRANSITION, its
+# fields given as one JSON object), the record's expiry, the running index, the owner's
+# active set, the finished counter and the duration histogram.
+# KEYS[1] = job hash, KEYS[2] = events channel, KEYS[3] = running index, KEYS[4] = finished
+# counters; ARGV[1] = JSON list of allowed statuses, ARGV[2] = new status, ARGV[3] = holder
+# ('' = any), ARGV[4] = TTL (s), ARGV[5] = end time (epoch s), ARGV[6] = JSON fields,
+# ARGV[7] = job id, ARGV[8] = key prefix, ARGV[9] = JSON list of histogram bucket bounds.
+_FINISH = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return 0 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3] then return 0 end
+local allowed = false
+for _, s in ipairs(cjson.decode(ARGV[1])) do
+  if s == current then allowed = true end
+end
+if not allowed then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for name, value in pairs(cjson.decode(ARGV[6])) do redis.call('HSET', KEYS[1], name, value) end
+redis.call('PUBLISH', KEYS[2], cjson.encode({event = 'status', status = ARGV[2]}))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('HDEL', KEYS[3], ARGV[7])
+local kind, owner, started = unpack(redis.call('HMGET', KEYS[1], 'kind', 'owner', 'started_ts'))
+if owner then redis.call('SREM', ARGV[8] .. ':active:' .. owner, ARGV[7]) end
+if not kind then return 1 end
+redis.call('HINCRBY', KEYS[4], kind .. ':' .. ARGV[2], 1)
+if started then
+  local seconds = tonumber(ARGV[5]) - tonumber(started)
+  local key = ARGV[8] .. ':stats:duration:' .. kind
+  for _, bound in ipairs(cjson.decode(ARGV[9])) do
+    if seconds <= tonumber(bound) then redis.call('HINCRBY', key, bound, 1) end
+  end
+  redis.call('HINCRBY', key, '+Inf', 1)
+  redis.call('HINCRBY', key, 'count', 1)
+  redis.call('HINCRBYFLOAT', key, 'sum', seconds)
+end
+return 1
+"""
+
 
 def new_job_id() -> str:
     """An unguessable job id (128 random bits)."""
@@ -124,9 +181,21 @@ class JobStore:
         self.worker = worker
         self._transition = connection.register_script(_TRANSITION)
         self._progress = connection.register_script(_PROGRESS)
+        self._start = connection.register_script(_START)
+        self._finish_script = connection.register_script(_FINISH)
         self._stopped: set[str] = set()
 
-    def create(self, *, kind: str, model: str, owner: str, params: dict[str, Any]) -> JobDocument:
+    def create(
+        self,
+        *,
+        kind: str,
+        model: str,
+        owner: str,
+        params: dict[str, Any],
+        pipeline: redis.client.Pipeline | None = None,
+    ) -> JobDocument:
+        """A new queued job's record; written with ``pipeline`` (not executed here) when
+        given, so that the caller can enqueue the job in the same transaction."""
         job_id = new_job_id()
         created = now()
         fields = {
@@ -138,27 +207,22 @@ class JobStore:
             "created_at": created.isoformat(),
             "params": json.dumps(params),
         }
-        pipe = self.redis.pipeline()
+        pipe = pipeline if pipeline is not None else self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=cast("dict[FieldT, EncodableT]", fields))
         pipe.zadd(owner_index(owner), {job_id: created.timestamp()})
         pipe.sadd(active_set(owner), job_id)
         pipe.hincrby(SUBMITTED, kind, 1)
-        pipe.execute()
+        if pipeline is None:
+            pipe.execute()
         return self._document(fields)
-
-    def discard(self, job_id: str, owner: str) -> None:
-        """Remove a record that never made it onto a queue."""
-        pipe = self.redis.pipeline()
-        pipe.delete(job_key(job_id))
-        pipe.zrem(owner_index(owner), job_id)
-        pipe.srem(active_set(owner), job_id)
-        pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = cast("dict[bytes, bytes]", self.redis.hgetall(job_key(job_id)))
         if not raw:
             return None
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        return self._record({k.decode(): v.decode() for k, v in raw.items()})
+
+    def _record(self, fields: dict[str, str]) -> JobRecord:
         return JobRecord(
             document=self._document(fields),
             owner=fields["owner"],
@@ -188,15 +252,23 @@ class JobStore:
         keys = [job_key(job_id), events_channel(job_id)]
         return bool(self._transition(keys=keys, args=argv))
 
-    def start(self, job_id: str, worker: str) -> bool:
-        moved = self.transition(
-            job_id, [JobStatus.QUEUED], JobStatus.RUNNING, started_at=now(), worker=worker
+    def start(
+        self, job_id: str, worker: str, *, unqueue: tuple[str, str] | None = None
+    ) -> JobRecord | None:
+        """Mark a queued job running on ``worker`` (and in the running index) and return
+        its record, in one round trip; None if it is not queued (cancelled, taken).
+
+        ``unqueue`` (a queue's list key and its entry's key) first takes the job off that
+        queue, atomically: None if it was not there (another worker was first)."""
+        started = now()
+        keys = [job_key(job_id), events_channel(job_id), RUNNING, *(unqueue or ())]
+        argv = [worker, started.isoformat(), repr(started.timestamp()), job_id]
+        flat = cast("list[bytes] | None", self._start(keys=keys, args=argv))
+        if not flat:
+            return None
+        return self._record(
+            {k.decode(): v.decode() for k, v in zip(flat[::2], flat[1::2], strict=True)}
         )
-        if moved:
-            model = cast("bytes | None", self.redis.hget(job_key(job_id), "model"))
-            value = {"worker": worker, "model": model.decode() if model else ""}
-            self.redis.hset(RUNNING, job_id, json.dumps(value))
-        return moved
 
     def running(self) -> list[RunningJob]:
         """Jobs marked running, with the worker holding each."""
@@ -227,7 +299,9 @@ class JobStore:
             if self.transition(
                 job.job_id, [JobStatus.RUNNING], JobStatus.QUEUED, holder=job.worker, attempts=1
             ):
-                self.redis.hdel(job_key(job.job_id), "started_at", "worker", "progress")
+                self.redis.hdel(
+                    job_key(job.job_id), "started_at", "started_ts", "worker", "progress"
+                )
                 outcome = "requeued"
         elif self._finish(
             job.job_id, JobStatus.FAILED, {"error": error.model_dump()}, ttl_s, holder=job.worker
@@ -271,35 +345,21 @@ class JobStore:
         allowed: list[JobStatus] | None = None,
     ) -> bool:
         finished = now()
-        moved = self.transition(
+        fields["finished_at"] = finished
+        encoded = {name: _encode(name, value) for name, value in fields.items()}
+        keys = [job_key(job_id), events_channel(job_id), RUNNING, FINISHED]
+        argv = [
+            json.dumps([s.value for s in allowed or [JobStatus.RUNNING]]),
+            status.value,
+            holder or "",
+            str(ttl_s),
+            repr(finished.timestamp()),
+            json.dumps(encoded),
             job_id,
-            allowed or [JobStatus.RUNNING],
-            status,
-            holder=holder,
-            finished_at=finished,
-            **fields,
-        )
-        if not moved:
-            return False
-        kind, owner, started = (
-            v.decode() if v else None
-            for v in cast(
-                "list[bytes | None]",
-                self.redis.hmget(job_key(job_id), "kind", "owner", "started_at"),
-            )
-        )
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.expire(job_key(job_id), ttl_s)
-        pipe.hdel(RUNNING, job_id)
-        if owner:
-            pipe.srem(active_set(owner), job_id)
-        pipe.hincrby(FINISHED, f"{kind}:{status.value}", 1)
-        if started and kind:
-            _observe_duration(
-                pipe, kind, (finished - datetime.fromisoformat(started)).total_seconds()
-            )
-        pipe.execute()
-        return True
+            PREFIX,
+            json.dumps([str(b) for b in DURATION_BUCKETS_S]),
+        ]
+        return bool(self._finish_script(keys=keys, args=argv))
 
     def request_cancel(self, job_id: str) -> None:
         self.redis.hset(job_key(job_id), "cancel", "1")
@@ -379,17 +439,6 @@ class JobStore:
             if name in data:
                 data[name] = json.loads(data[name])
         return JobDocument.model_validate(data)
-
-
-def _observe_duration(pipe: redis.client.Pipeline, kind: str, seconds: float) -> None:
-    """Cumulative histogram buckets, as Prometheus wants them."""
-    key = duration_key(kind)
-    for bound in DURATION_BUCKETS_S:
-        if seconds <= bound:
-            pipe.hincrby(key, str(bound), 1)
-    pipe.hincrby(key, "+Inf", 1)
-    pipe.hincrby(key, "count", 1)
-    pipe.hincrbyfloat(key, "sum", seconds)
 
 
 def _encode(name: str, value: Any) -> str:

@@ -29,8 +29,15 @@ def model_queue(connection: redis.Redis, model: str) -> Queue:
     return Queue(queue_name(model), connection=connection, serializer=JSONSerializer)
 
 
-def enqueue(connection: redis.Redis, model: str, job_id: str, timeout_s: int) -> None:
-    """Put a job on its model's queue; the RQ job shares our job's id."""
+def enqueue(
+    connection: redis.Redis,
+    model: str,
+    job_id: str,
+    timeout_s: int,
+    pipeline: redis.client.Pipeline | None = None,
+) -> None:
+    """Put a job on its model's queue; the RQ job shares our job's id. With ``pipeline``,
+    the commands join it and run when the caller executes it."""
     model_queue(connection, model).enqueue_call(
         RUN_JOB,
         args=(job_id,),
@@ -38,6 +45,7 @@ def enqueue(connection: redis.Redis, model: str, job_id: str, timeout_s: int) ->
         timeout=timeout_s,
         result_ttl=0,
         failure_ttl=24 * 3600,
+        pipeline=pipeline,
     )
 
 
@@ -80,6 +88,14 @@ class Submission:
         if self._open:
             self._open = False
             self._redis.decr(self._key)
+
+    def done_with(self, pipeline: redis.client.Pipeline) -> None:
+        """End the submission as part of ``pipeline`` (call :meth:`closed` once it ran)."""
+        pipeline.decr(self._key)
+
+    def closed(self) -> None:
+        """The pipeline given to :meth:`done_with` ran: the count is already down."""
+        self._open = False
 
 
 def submissions_in_flight(connection: redis.Redis, model: str, kind: str) -> int:

@@ -35,15 +35,23 @@ class LimitExceeded(LensError):
 
 
 def check_tokens(
-    job: JobRequest, tokenizer: PreTrainedTokenizerBase, limits: Limits, dataset_dir: Path
+    job: JobRequest,
+    tokenizer: PreTrainedTokenizerBase,
+    limits: Limits,
+    dataset_dir: Path,
+    counted: dict[str, list[int]] | None = None,
 ) -> None:
     """Tokens per text and per job, each text tokenised on its own as the model sees it
-    (special tokens included); data sets are counted too. Raises InvalidParameter."""
+    (special tokens included); data sets are counted too. ``counted`` gives the token
+    counts of fields already tokenised (a batch's lengths), which are not tokenised again.
+    Raises InvalidParameter."""
     total = 0
     for field, texts in _all_texts(job, dataset_dir):
         if not texts:
             continue
-        counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        counts = (counted or {}).get(field) or [
+            len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]
+        ]
         longest = max(counts)
         if longest > limits.max_tokens_per_text:
             raise InvalidParameter(

@@ -109,19 +109,17 @@ def run_job(job_id: str) -> None:
     if _runtime is None:
         raise RuntimeError("run_job needs a lens worker (lens worker), not a plain rq worker")
     rt = _runtime
-    if not rt.store.start(job_id, rt.worker_name):
-        log.info("job %s: not queued any more (cancelled?), skipped", job_id)
-        return
-    record = rt.store.get(job_id)
+    record = rt.store.start(job_id, rt.worker_name)
     if record is None:
+        log.info("job %s: not queued any more (cancelled?), skipped", job_id)
         return
     doc = record.document
     log.info("job %s: running %s on %s", job_id, doc.kind, doc.model)
     try:
         job = _parse(doc)
         lm = rt.registry.get(doc.model)
-        limits.check_tokens(job, lm.tokenizer, rt.limits, rt.dataset_dir)
         leader = _prepare(lm, job)
+        _check_tokens(rt, lm, job, leader)
         if leader is not None:
             _await_submissions(rt, doc, leader)
             _run_shared(rt, lm, [_Member(doc, leader), *_claim(rt, lm, doc, leader)])
@@ -162,6 +160,14 @@ def _prepare(lm: LoadedModel, job: JobRequest) -> batcher.Prepared | None:
         return batcher.prepare(lm, job)
     except LensError:
         return None
+
+
+def _check_tokens(
+    rt: Runtime, lm: LoadedModel, job: JobRequest, prepared: batcher.Prepared | None
+) -> None:
+    """The operator's token limits; a prepared job's texts are counted from its batch."""
+    counted = {"texts": prepared.batch.lengths.tolist()} if prepared is not None else None
+    limits.check_tokens(job, lm.tokenizer, rt.limits, rt.dataset_dir, counted)
 
 
 def _await_submissions(rt: Runtime, doc: JobDocument, leader: batcher.Prepared) -> None:
@@ -235,8 +241,8 @@ def _companion(
         return None
     try:
         companion = _parse(record.document)
-        limits.check_tokens(companion, lm.tokenizer, rt.limits, rt.dataset_dir)
         prepared = _prepare(lm, companion)
+        _check_tokens(rt, lm, companion, prepared)
     except Exception:  # it fails alone, with its own error, in its turn
         return None
     if prepared is None or batcher.padded_tokens([*chosen, prepared]) > budget:
@@ -251,11 +257,8 @@ def _companion(
 
 def _take(rt: Runtime, queue_key: str, job_id: str) -> bool:
     """Take a queued job off its RQ queue and mark it ours; False if someone was first."""
-    conn = rt.store.redis
-    if conn.lrem(queue_key, 1, job_id) != 1:
-        return False
-    conn.delete(Job.key_for(job_id))
-    return rt.store.start(job_id, rt.worker_name)
+    taken = rt.store.start(job_id, rt.worker_name, unqueue=(queue_key, Job.key_for(job_id)))
+    return taken is not None
 
 
 def _run_shared(rt: Runtime, lm: LoadedModel, members: list[_Member]) -> None:

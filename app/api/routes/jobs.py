@@ -97,17 +97,24 @@ def _queue_job(
             f"is {cap}: wait for one to finish or cancel one",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
+    # One transaction: the record, the end of the submission's in-flight count (just as
+    # the job lands, so a worker taking it never waits for its own submission), the
+    # queue entry and the job's place in the queue.
+    pipe = conn.pipeline()
+    pipe.multi()  # explicit, as RQ wants of a pipeline handed to it
     doc = store.create(
-        kind=job.kind, model=job.model, owner=owner, params=validation.public_params(job)
+        kind=job.kind,
+        model=job.model,
+        owner=owner,
+        params=validation.public_params(job),
+        pipeline=pipe,
     )
     request.state.job_id = doc.id
-    submission.done()
-    try:
-        queue.enqueue(conn, job.model, doc.id, settings.job_timeout_s)
-    except Exception:
-        store.discard(doc.id, owner)
-        raise
-    doc.queue_position = queue.queue_position(conn, job.model, doc.id)
+    submission.done_with(pipe)
+    queue.enqueue(conn, job.model, doc.id, settings.job_timeout_s, pipeline=pipe)
+    pipe.lpos(queue.model_queue(conn, job.model).key, doc.id)
+    doc.queue_position = pipe.execute()[-1]
+    submission.closed()
     log.info("queued %s on %s", doc.kind, doc.model, extra={"job_id": doc.id})
     return doc
 
