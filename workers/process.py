@@ -206,6 +206,7 @@ def run_worker(
         {m: settings.models[m] for m in names},
         max_bytes=settings.max_resident_bytes,
         max_models=settings.max_resident_models,
+        offload_dir=settings.data_dir / "offload",
     )
     for model in names:
         queue.publish_model_info(conn, model, describe(model, registry.get(model)))
@@ -235,7 +236,7 @@ def run_worker(
             "since": since,
             "loads": dict(registry.load_counts),
             "load_seconds": dict(registry.load_seconds),
-            "gpus": _gpu_memory({lm.device for lm in loaded.values()}),
+            "gpus": _gpu_memory({d for lm in loaded.values() for d in lm.devices}),
         }
 
     heartbeat = _Heartbeat(settings, name, info, store)

@@ -40,6 +40,8 @@ class ModelRegistry:
     specs: dict[str, ModelSpec]
     max_bytes: int | None = None
     max_models: int | None = None
+    offload_dir: Path | None = None
+    """Where modules a ``device_map`` sends to ``"disk"`` are kept (one folder per model)."""
     loaded: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)
     sizes: dict[str, int] = field(default_factory=dict)
     load_counts: Counter[str] = field(default_factory=Counter)
@@ -68,6 +70,8 @@ class ModelRegistry:
             spec.source,
             device=spec.device,
             dtype=spec.dtype,
+            device_map=spec.device_map,
+            offload_dir=self.offload_dir / name if self.offload_dir else None,
             trust_remote_code=spec.trust_remote_code,
         )
         self.load_seconds[name] = time.perf_counter() - started
@@ -154,5 +158,5 @@ def describe(name: str, lm: LoadedModel) -> dict[str, Any]:
         "source": lm.source,
         "max_context": lm.max_context,
         "dtype": str(lm.dtype).removeprefix("torch."),
-        "device": str(lm.device),
+        "device": ", ".join(lm.placement) if lm.spread else str(lm.device),
     }

@@ -23,6 +23,7 @@ DEFAULT_PORT = 8000
 DEFAULT_DATA_DIR = Path("data")
 CONFIG_ENV = "LENS_CONFIG"
 GIB = 1024**3
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 class ModelSpec(BaseModel):
@@ -33,6 +34,13 @@ class ModelSpec(BaseModel):
     source: str = Field(description="Local directory or hub id for from_pretrained.")
     device: str | None = Field(None, description="e.g. 'cuda:1' or 'cpu'; default CUDA if present.")
     dtype: str | None = Field(None, description="float32, float16 or bfloat16; default by device.")
+    device_map: str | dict[str, int | str] | None = Field(
+        None,
+        description="Spread a model too big for one GPU over several, with accelerate: "
+        "'auto', 'balanced', 'balanced_low_0', 'sequential', or a map of module names to "
+        "GPU indexes, 'cpu' or 'disk' (offloaded to the data directory). Replaces device; "
+        "needs the accelerate package (pip install 'lens-server[multi-gpu]').",
+    )
     trust_remote_code: bool = False
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget of one forward pass.")
     batch_wait_ms: float = Field(
@@ -48,6 +56,17 @@ class ModelSpec(BaseModel):
         description="Names of the workers that serve it (lens worker --name); default every "
         "worker. Assigns models to GPUs: one worker per GPU, each named.",
     )
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> ModelSpec:
+        if self.device is not None and self.device_map is not None:
+            raise ValueError("give either device or device_map, not both")
+        if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(
+                f"device_map must be a map of module names to devices or one of "
+                f"{list(DEVICE_MAP_STRATEGIES)}, got {self.device_map!r}"
+            )
+        return self
 
     def served_by(self, worker: str) -> bool:
         return self.workers is None or worker in self.workers

@@ -40,6 +40,8 @@ tokens may not notice (OLMo clamps q, k and v only past a bound)."""
 def applies(lm: LoadedModel) -> bool:
     """Whether ``lm`` is built as this pass assumes (looked at once per model, when its
     logits are checked; :func:`covers` then says which inputs it may take)."""
+    if lm.spread:  # its blocks' inputs would need moving between devices
+        return False
     config = lm.model.config
     if any(getattr(config, name, None) is not None for name in _UNSUPPORTED_SETTINGS):
         return False

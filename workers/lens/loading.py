@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -31,6 +34,19 @@ class LoadedModel:
     adapter: ModelAdapter
     device: torch.device
     dtype: torch.dtype
+    placement: tuple[str, ...] = ()
+    """Where the parts of a model loaded with a ``device_map`` live (``"cuda:0"``,
+    ``"cpu"``, ``"disk"``); empty when the whole model is on ``device``."""
+
+    @property
+    def devices(self) -> set[torch.device]:
+        """The devices that hold or run part of it."""
+        return {self.device} | {torch.device(p) for p in self.placement if p != "disk"}
+
+    @property
+    def spread(self) -> bool:
+        """Whether its layers live in more than one place."""
+        return len(self.placement) > 1
 
     @property
     def max_context(self) -> int | None:
@@ -65,19 +81,43 @@ def load_model(
     *,
     device: str | None = None,
     dtype: str | None = None,
+    device_map: str | dict[str, int | str] | None = None,
+    offload_dir: Path | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load ``source`` (a local directory or hub id) with ``from_pretrained``, safetensors only."""
+    """Load ``source`` (a local directory or hub id) with ``from_pretrained``, safetensors only.
+
+    With ``device_map`` (accelerate's strategies or a module → device map) the model is
+    spread over several devices, modules mapped to ``"disk"`` offloaded to ``offload_dir``.
+    Inputs then go to the embedding's device; the outputs come back to it.
+    """
+    if device is not None and device_map is not None:
+        raise ValueError("give either device or device_map, not both")
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    dispatch: dict[str, Any] = {}
+    if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise RuntimeError(
+                "device_map needs the accelerate package: pip install 'lens-server[multi-gpu]'"
+            )
+        dispatch = {"device_map": device_map, "offload_folder": offload_dir}
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dt, use_safetensors=True, trust_remote_code=trust_remote_code
+        source, dtype=dt, use_safetensors=True, trust_remote_code=trust_remote_code, **dispatch
     )
-    model.to(dev).eval()  # type: ignore[arg-type]  # transformers' @wraps(Module.to) loses self
+    where: tuple[str, ...] = ()
+    if device_map is None:
+        model.to(dev)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) loses self
+    else:
+        # transformers leaves no map when everything landed on one device
+        mapped = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
+        where = tuple(sorted({_place(d) for d in mapped.values()}))
+        dev = _execution_device(model.get_input_embeddings())
+    model.eval()
     model.requires_grad_(False)
     return LoadedModel(
         source=source,
@@ -86,4 +126,24 @@ def load_model(
         adapter=adapt(model),
         device=dev,
         dtype=dt,
+        placement=where,
     )
+
+
+def _place(value: int | str | torch.device) -> str:
+    """An accelerate device-map value as a name: ``0`` → ``"cuda:0"``; "cpu" and "disk" kept."""
+    return "disk" if value == "disk" else str(_as_device(value))
+
+
+def _as_device(value: int | str | torch.device) -> torch.device:
+    return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+
+
+def _execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's hook says so for a dispatched module
+    (its weights may be offloaded); else where its weights are."""
+    hook = getattr(module, "_hf_hook", None)
+    where = getattr(hook, "execution_device", None)
+    if where is not None:
+        return _as_device(where)
+    return next(module.parameters()).device

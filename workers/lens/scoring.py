@@ -60,7 +60,7 @@ def from_logits(
     the worker's cross-job batcher, so a batched job returns exactly what it would alone."""
     rows = torch.arange(batch.input_ids.shape[0], device=raw.device)
     tensors: dict[str, torch.Tensor] = {}
-    final = raw[rows, batch.last_positions].float() / temperature
+    final = raw[rows, batch.last_positions.to(raw.device)].float() / temperature
     if not final_token_only:
         if top_k is None:
             # x / 1.0 == x exactly: skip a copy of the largest tensor at the default temperature

@@ -99,7 +99,9 @@ def position_index(attention_mask: torch.Tensor, positions: Positions) -> torch.
 
 
 def select_positions(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[batch, seq, *rest] → [batch, k, *rest] at ``index`` [batch, k]."""
+    """[batch, seq, *rest] → [batch, k, *rest] at ``index`` [batch, k] (moved to ``t``'s
+    device: a model spread over several devices has sites on each)."""
+    index = index.to(t.device)
     gather_index = index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
     return t.gather(1, gather_index)
 
