@@ -22,6 +22,7 @@ from app.api import errors
 from app.api.routes import dashboard, datasets, health, jobs, metrics, models
 from app.blobstore import BlobStore
 from app.core.config import Limits, Settings, get_settings
+from app.events import EventHub
 from app.jobstore import JobStore
 from app.logs import job_context
 from app.maintenance import run_housekeeping
@@ -194,8 +195,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.blobs = blobs
         app.state.metrics = metrics_registry(store, sorted(settings.models))
+        app.state.events = events = EventHub(settings.redis_url)
+        events.start()
         housekeeping = asyncio.create_task(run_housekeeping(store, blobs, settings))
         yield
+        await events.stop()
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping

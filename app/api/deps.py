@@ -17,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.blobstore import BlobStore
 from app.core.config import Settings
+from app.events import EventHub
 from app.jobstore import ANONYMOUS, JobRecord, JobStore
 
 
@@ -36,10 +37,15 @@ async def get_blobs(request: Request) -> BlobStore:
     return request.app.state.blobs
 
 
+async def get_events(request: Request) -> EventHub:
+    return request.app.state.events
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+EventsDep = Annotated[EventHub, Depends(get_events)]
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _bearer = HTTPBearer(auto_error=False, description="An API key, when the server has keys.")

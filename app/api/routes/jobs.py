@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import redis
 from fastapi import APIRouter, Body, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, StreamingResponse
-from redis.client import PubSub
 from starlette.concurrency import run_in_threadpool
 
 from app import queue
 from app.api import validation
-from app.api.deps import BlobsDep, OwnedJobDep, OwnerDep, RedisDep, SettingsDep, StoreDep
+from app.api.deps import (
+    BlobsDep,
+    EventsDep,
+    OwnedJobDep,
+    OwnerDep,
+    RedisDep,
+    SettingsDep,
+    StoreDep,
+)
 from app.api.routes.datasets import dataset_record
 from app.core.config import Settings
-from app.jobstore import JobRecord, JobStore, events_channel
+from app.events import LOST, EventHub
+from app.jobstore import JobRecord, JobStore
 from app.maintenance import dataset_key
 from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 
@@ -197,10 +206,10 @@ def cancel_job(record: OwnedJobDep, store: StoreDep, settings: SettingsDep) -> J
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-def job_events(record: OwnedJobDep, store: StoreDep) -> StreamingResponse:
+async def job_events(record: OwnedJobDep, store: StoreDep, hub: EventsDep) -> StreamingResponse:
     """Server-sent events: ``status`` (the job document) and ``progress``, until the job ends."""
     return StreamingResponse(
-        _event_stream(record.document.id, store),
+        _event_stream(record.document.id, store, hub),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -210,46 +219,56 @@ def _sse(event: str, data: str) -> str:
     return f"event: {event}\ndata: {data}\n\n"
 
 
-def _event_stream(job_id: str, store: JobStore) -> Iterator[str]:
+async def _event_stream(job_id: str, store: JobStore, hub: EventHub) -> AsyncIterator[str]:
     """Status and progress until the job ends; if Redis goes away meanwhile, an ``error``
     event and the end of the stream (the client reconnects, and gets the current status)."""
-    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
     try:
-        yield from _events(job_id, store, pubsub)
+        async with hub.subscription(job_id) as inbox:
+            async for chunk in _events(job_id, store, inbox):
+                yield chunk
     except redis.RedisError as exc:
         log.warning("event stream ended, Redis unavailable: %s", exc)
         yield _sse("error", json.dumps({"detail": "the job queue (Redis) is unavailable"}))
-    finally:
-        pubsub.close()
 
 
-def _events(job_id: str, store: JobStore, pubsub: PubSub) -> Iterator[str]:
+async def _events(job_id: str, store: JobStore, inbox: asyncio.Queue[bytes]) -> AsyncIterator[str]:
     """The record is read again only when a status event arrives or the stream has been
     quiet for a keep-alive period (a queued job's position moves without events of its
     own); progress events are passed on as they come, so a fit's hundreds of updates do
-    not each cost a read of the whole record."""
-    pubsub.subscribe(events_channel(job_id))
+    not each cost a read of the whole record. Subscribed before the first read, so no
+    event falls between the two."""
     last = None
     stale = True
     while True:
         if stale:
-            record = store.get(job_id)
-            if record is None:
+            doc = await run_in_threadpool(_current, job_id, store)
+            if doc is None:
                 return
-            doc = _with_position(record, store)
             if (doc.status, doc.queue_position) != last:
                 last = (doc.status, doc.queue_position)
                 yield _sse("status", doc.model_dump_json())
             if doc.status.is_final:
                 return
-        message = pubsub.get_message(timeout=SSE_KEEPALIVE_S)
-        stale = message is None
-        if stale:
+        try:
+            data = await asyncio.wait_for(inbox.get(), SSE_KEEPALIVE_S)
+        except TimeoutError:
+            stale = True
             yield ": keep-alive\n\n"
-        while message is not None:
-            data = json.loads(message["data"])
-            if data.pop("event") == "progress":
-                yield _sse("progress", json.dumps(data))
+            continue
+        stale = False
+        while True:
+            if data == LOST:
+                raise redis.ConnectionError("the job event subscription was lost")
+            event = json.loads(data)
+            if event.pop("event") == "progress":
+                yield _sse("progress", json.dumps(event))
             else:
                 stale = True
-            message = pubsub.get_message(timeout=0)
+            if inbox.empty():
+                break
+            data = inbox.get_nowait()
+
+
+def _current(job_id: str, store: JobStore) -> JobDocument | None:
+    record = store.get(job_id)
+    return None if record is None else _with_position(record, store)
