@@ -98,7 +98,7 @@ def _queue_job(
         validation.check_dataset_rows(field, found[1], settings.limits)
         conn.expire(dataset_key(dataset_id), settings.result_ttl_s)
     cap = settings.limits.max_active_jobs_per_key
-    active = store.active_count(owner)
+    active = store.active_count(owner, quota=cap)
     if active >= cap:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
