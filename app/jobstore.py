@@ -61,12 +61,26 @@ redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 0
 """
 
+# Publishes a status event with the whole record (KEYS[1]) on KEYS[2], so that event
+# streams need not read it back; returns the record's fields as HGETALL does.
+_PUBLISH_STATUS = """
+local function publish_status(status)
+  local flat = redis.call('HGETALL', KEYS[1])
+  local record = {}
+  for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+  redis.call('PUBLISH', KEYS[2], cjson.encode({event = 'status', status = status, record = record}))
+  return flat
+end
+"""
+
 # KEYS[1] = job hash, KEYS[2] = events channel, KEYS[3] = running index, optionally
 # KEYS[4] = a queue list to take the job from and KEYS[5] = the queue's copy of the job;
 # ARGV[1] = worker, ARGV[2] = start time (ISO), ARGV[3] = start time (epoch seconds),
 # ARGV[4] = job id. Returns the record's fields (HGETALL), or nil if the job is not queued
 # (or not in that queue).
-_START = """
+_START = (
+    _PUBLISH_STATUS
+    + """
 if KEYS[4] then
   if redis.call('LREM', KEYS[4], 1, ARGV[4]) ~= 1 then return nil end
   redis.call('DEL', KEYS[5])
@@ -76,9 +90,9 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at'
            'started_ts', ARGV[3])
 local model = redis.call('HGET', KEYS[1], 'model') or ''
 redis.call('HSET', KEYS[3], ARGV[4], cjson.encode({worker = ARGV[1], model = model}))
-redis.call('PUBLISH', KEYS[2], cjson.encode({event = 'status', status = 'running'}))
-return redis.call('HGETALL', KEYS[1])
+return publish_status('running')
 """
+)
 
 # The end of a job, with all its bookkeeping: the status change (as _TRANSITION, its
 # fields given as one JSON object), the record's expiry, the running index, the owner's
@@ -87,7 +101,9 @@ return redis.call('HGETALL', KEYS[1])
 # counters; ARGV[1] = JSON list of allowed statuses, ARGV[2] = new status, ARGV[3] = holder
 # ('' = any), ARGV[4] = TTL (s), ARGV[5] = end time (epoch s), ARGV[6] = JSON fields,
 # ARGV[7] = job id, ARGV[8] = key prefix, ARGV[9] = JSON list of histogram bucket bounds.
-_FINISH = """
+_FINISH = (
+    _PUBLISH_STATUS
+    + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return 0 end
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3] then return 0 end
@@ -98,7 +114,7 @@ end
 if not allowed then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 for name, value in pairs(cjson.decode(ARGV[6])) do redis.call('HSET', KEYS[1], name, value) end
-redis.call('PUBLISH', KEYS[2], cjson.encode({event = 'status', status = ARGV[2]}))
+publish_status(ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('HDEL', KEYS[3], ARGV[7])
 local kind, owner, started = unpack(redis.call('HMGET', KEYS[1], 'kind', 'owner', 'started_ts'))
@@ -117,6 +133,7 @@ if started then
 end
 return 1
 """
+)
 
 
 def new_job_id() -> str:
@@ -214,7 +231,7 @@ class JobStore:
         pipe.hincrby(SUBMITTED, kind, 1)
         if pipeline is None:
             pipe.execute()
-        return self._document(fields)
+        return self.document_of(fields)
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = cast("dict[bytes, bytes]", self.redis.hgetall(job_key(job_id)))
@@ -224,7 +241,7 @@ class JobStore:
 
     def _record(self, fields: dict[str, str]) -> JobRecord:
         return JobRecord(
-            document=self._document(fields),
+            document=self.document_of(fields),
             owner=fields["owner"],
             cancel_requested=fields.get("cancel") == "1",
             worker=fields.get("worker") or None,
@@ -438,7 +455,9 @@ class JobStore:
         return [bool(x) for x in pipe.execute()]
 
     @staticmethod
-    def _document(fields: dict[str, str]) -> JobDocument:
+    def document_of(fields: dict[str, str]) -> JobDocument:
+        """The public document of a record's fields (as stored, or as a status event
+        carries them)."""
         data: dict[str, Any] = {k: v for k, v in fields.items() if k in JobDocument.model_fields}
         data["retries"] = int(fields.get("attempts", 0))
         for name in _JSON_FIELDS:

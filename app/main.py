@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
+import redis.asyncio
 from fastapi import FastAPI, HTTPException, status
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
@@ -195,11 +196,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.blobs = blobs
         app.state.metrics = metrics_registry(store, sorted(settings.models))
+        app.state.aredis = aconn = redis.asyncio.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=30
+        )
         app.state.events = events = EventHub(settings.redis_url)
         events.start()
         housekeeping = asyncio.create_task(run_housekeeping(store, blobs, settings))
         yield
         await events.stop()
+        await aconn.aclose()
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping

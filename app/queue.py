@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+from functools import lru_cache
 from typing import Any, cast
 
 import redis
+import redis.asyncio
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
@@ -25,7 +27,10 @@ def queue_name(model: str) -> str:
     return f"{PREFIX}.{model}"
 
 
+@lru_cache(maxsize=1024)
 def model_queue(connection: redis.Redis, model: str) -> Queue:
+    """The model's RQ queue on ``connection``; made once (RQ resolves its serializer at
+    every construction, a tenth of a submission's time)."""
     return Queue(queue_name(model), connection=connection, serializer=JSONSerializer)
 
 
@@ -58,36 +63,26 @@ def submitting_key(model: str, kind: str) -> str:
 
 
 class Submission:
-    """A submission of ``kind`` for ``model``, counted as in flight from entering the
-    context until :meth:`done` (or the context's end), so that a worker about to run a
-    batchable job knows companions are on their way. Call ``done`` just before enqueueing:
-    a worker that takes the job must not wait for the job's own submission."""
+    """A submission of ``kind`` for ``model``, counted as in flight from :meth:`open` until
+    it is queued (:meth:`done_with`, in the queueing transaction) or given up
+    (:meth:`abandon`), so that a worker about to run a batchable job knows companions are
+    on their way. The count goes down as the job lands: a worker that takes the job must
+    not wait for the job's own submission. Opened with the asyncio client, from the
+    request's handler at once (a thread-pool trip could be queued behind the burst)."""
 
-    def __init__(self, connection: redis.Redis, model: str, kind: str) -> None:
-        self._redis, self._key, self._open = connection, submitting_key(model, kind), False
-
-    def __enter__(self) -> Submission:
-        self.open()
-        return self
-
-    def open(self) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.incr(self._key)
-        pipe.expire(self._key, SUBMITTING_TTL_S)
-        pipe.execute()
-        self._open = True
-
-    def __exit__(self, *_exc: object) -> None:
-        self.done()
+    def __init__(self, model: str, kind: str) -> None:
+        self._key, self._open = submitting_key(model, kind), False
 
     @property
     def in_flight(self) -> bool:
         return self._open
 
-    def done(self) -> None:
-        if self._open:
-            self._open = False
-            self._redis.decr(self._key)
+    async def open(self, connection: redis.asyncio.Redis) -> None:
+        pipe = connection.pipeline(transaction=False)
+        pipe.incr(self._key)
+        pipe.expire(self._key, SUBMITTING_TTL_S)
+        await pipe.execute()
+        self._open = True
 
     def done_with(self, pipeline: redis.client.Pipeline) -> None:
         """End the submission as part of ``pipeline`` (call :meth:`closed` once it ran)."""
@@ -96,6 +91,12 @@ class Submission:
     def closed(self) -> None:
         """The pipeline given to :meth:`done_with` ran: the count is already down."""
         self._open = False
+
+    async def abandon(self, connection: redis.asyncio.Redis) -> None:
+        """The submission failed before being queued: its count goes down."""
+        if self._open:
+            self._open = False
+            await connection.decr(self._key)
 
 
 def submissions_in_flight(connection: redis.Redis, model: str, kind: str) -> int:

@@ -12,6 +12,7 @@ import re
 from typing import Annotated
 
 import redis
+import redis.asyncio
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -29,6 +30,10 @@ async def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
+async def get_async_redis(request: Request) -> redis.asyncio.Redis:
+    return request.app.state.aredis
+
+
 async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
@@ -43,6 +48,7 @@ async def get_events(request: Request) -> EventHub:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 EventsDep = Annotated[EventHub, Depends(get_events)]

@@ -173,11 +173,13 @@ def test_jobs_still_being_submitted_join_the_pass_that_is_starting(
     later_ids: list[str] = []
 
     def api_busy_with_a_burst() -> None:
-        with queue.Submission(rt.store.redis, MODEL, "score"):
-            while rt.store.get(first).document.status is not JobStatus.RUNNING:
-                time.sleep(0.01)
-            time.sleep(0.5)  # the tiny model's pass would be long over, were it not waiting
-            later_ids.extend(submit(rt, job) for job in later)
+        in_flight = queue.submitting_key(MODEL, "score")
+        rt.store.redis.incr(in_flight)
+        while rt.store.get(first).document.status is not JobStatus.RUNNING:
+            time.sleep(0.01)
+        time.sleep(0.5)  # the tiny model's pass would be long over, were it not waiting
+        later_ids.extend(submit(rt, job) for job in later)
+        rt.store.redis.decr(in_flight)
 
     burst = threading.Thread(target=api_busy_with_a_burst)
     burst.start()

@@ -235,3 +235,12 @@ def test_queued_job_result_is_409_and_cancelled_job_never_runs(
             assert http.delete(f"/v1/jobs/{cancelled['id']}").status_code == 409
     finally:
         stack.stop()
+
+
+def test_the_event_streams_final_document_is_the_jobs_document(http: httpx.Client) -> None:
+    """Status events carry the record, so the stream builds its documents without reading
+    Redis: they must be the documents GET returns."""
+    doc = submit(http, kind="score", texts=TEXTS)
+    streamed = wait(http, doc["id"])
+    assert streamed["status"] == "succeeded" and streamed["tensors"]
+    assert streamed == http.get(f"/v1/jobs/{doc['id']}").json()

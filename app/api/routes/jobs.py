@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from app import queue
 from app.api import validation
 from app.api.deps import (
+    AsyncRedisDep,
     BlobsDep,
     EventsDep,
     OwnedJobDep,
@@ -53,6 +54,7 @@ async def submit_job(
     settings: SettingsDep,
     store: StoreDep,
     conn: RedisDep,
+    aconn: AsyncRedisDep,
 ) -> JobDocument:
     """Validate a job against its model and the operator's limits, then queue it.
 
@@ -64,15 +66,14 @@ async def submit_job(
             status.HTTP_404_NOT_FOUND,
             f"model {job.model!r} is not served here; served: {sorted(settings.models)}",
         )
-    submission = queue.Submission(conn, job.model, job.kind)
-    await run_in_threadpool(submission.open)
+    submission = queue.Submission(job.model, job.kind)
+    await submission.open(aconn)
     try:
         return await run_in_threadpool(
             _queue_job, job, request, owner, settings, store, conn, submission
         )
     finally:
-        if submission.in_flight:  # only when it failed before being queued
-            await run_in_threadpool(submission.done)
+        await submission.abandon(aconn)  # a no-op once queued
 
 
 def _queue_job(
@@ -232,38 +233,38 @@ async def _event_stream(job_id: str, store: JobStore, hub: EventHub) -> AsyncIte
 
 
 async def _events(job_id: str, store: JobStore, inbox: asyncio.Queue[bytes]) -> AsyncIterator[str]:
-    """The record is read again only when a status event arrives or the stream has been
-    quiet for a keep-alive period (a queued job's position moves without events of its
-    own); progress events are passed on as they come, so a fit's hundreds of updates do
-    not each cost a read of the whole record. Subscribed before the first read, so no
-    event falls between the two."""
-    last = None
-    stale = True
+    """Status events carry the job's record, so the stream reads it from Redis only at
+    the start, when a job goes back to the queue (its position is not in the record) and
+    after a quiet keep-alive period (a queued job's position moves without events of its
+    own). Subscribed before the first read, so no event falls between the two."""
+    last: tuple[JobStatus, int | None] | None = None
+    doc: JobDocument | None = None
     while True:
-        if stale:
+        if doc is None:
             doc = await run_in_threadpool(_current, job_id, store)
             if doc is None:
                 return
-            if (doc.status, doc.queue_position) != last:
-                last = (doc.status, doc.queue_position)
-                yield _sse("status", doc.model_dump_json())
-            if doc.status.is_final:
-                return
+        if (doc.status, doc.queue_position) != last:
+            last = (doc.status, doc.queue_position)
+            yield _sse("status", doc.model_dump_json())
+        if doc.status.is_final:
+            return
         try:
             data = await asyncio.wait_for(inbox.get(), SSE_KEEPALIVE_S)
         except TimeoutError:
-            stale = True
+            doc = None
             yield ": keep-alive\n\n"
             continue
-        stale = False
         while True:
             if data == LOST:
                 raise redis.ConnectionError("the job event subscription was lost")
             event = json.loads(data)
             if event.pop("event") == "progress":
                 yield _sse("progress", json.dumps(event))
+            elif "record" in event and event["status"] != JobStatus.QUEUED:
+                doc = JobStore.document_of(event["record"])
             else:
-                stale = True
+                doc = None
             if inbox.empty():
                 break
             data = inbox.get_nowait()
