@@ -234,14 +234,19 @@ class JobStore:
         return self.document_of(fields)
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = cast("dict[bytes, bytes]", self.redis.hgetall(job_key(job_id)))
+        return self.record_of(cast("dict[bytes, bytes]", self.redis.hgetall(job_key(job_id))))
+
+    @classmethod
+    def record_of(cls, raw: dict[bytes, bytes]) -> JobRecord | None:
+        """A record from its hash as Redis returns it (HGETALL); None if there is none."""
         if not raw:
             return None
-        return self._record({k.decode(): v.decode() for k, v in raw.items()})
+        return cls._record({k.decode(): v.decode() for k, v in raw.items()})
 
-    def _record(self, fields: dict[str, str]) -> JobRecord:
+    @classmethod
+    def _record(cls, fields: dict[str, str]) -> JobRecord:
         return JobRecord(
-            document=self.document_of(fields),
+            document=cls.document_of(fields),
             owner=fields["owner"],
             cancel_requested=fields.get("cancel") == "1",
             worker=fields.get("worker") or None,

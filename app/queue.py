@@ -107,6 +107,14 @@ def queue_position(connection: redis.Redis, model: str, job_id: str) -> int | No
     return model_queue(connection, model).get_job_position(job_id)
 
 
+async def queue_position_async(
+    connection: redis.asyncio.Redis, model: str, job_id: str
+) -> int | None:
+    """:func:`queue_position` through the asyncio client."""
+    key = Queue.redis_queue_namespace_prefix + queue_name(model)
+    return cast("int | None", await connection.lpos(key, job_id))
+
+
 def queue_depth(connection: redis.Redis, model: str) -> int:
     return model_queue(connection, model).count
 

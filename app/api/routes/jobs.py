@@ -6,11 +6,12 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, cast
 
 import redis
+import redis.asyncio
 from fastapi import APIRouter, Body, HTTPException, Query, Request, status
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import queue
@@ -28,15 +29,24 @@ from app.api.deps import (
 from app.api.routes.datasets import dataset_record
 from app.core.config import Settings
 from app.events import LOST, EventHub
-from app.jobstore import JobRecord, JobStore
+from app.jobstore import JobRecord, JobStore, job_key
 from app.maintenance import dataset_key
 from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SSE_KEEPALIVE_S = 10.0
+SMALL_RESULT_BYTES = 1 << 20
+"""Results up to this size are sent from one read; larger ones are streamed in chunks."""
 RETRY_AFTER_S = 10
 log = logging.getLogger(__name__)
+
+
+async def _positioned(record: JobRecord, aconn: redis.asyncio.Redis) -> JobDocument:
+    doc = record.document
+    if doc.status is JobStatus.QUEUED:
+        doc.queue_position = await queue.queue_position_async(aconn, doc.model, doc.id)
+    return doc
 
 
 def _with_position(record: JobRecord, store: JobStore) -> JobDocument:
@@ -154,8 +164,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobDocument)
-def get_job(record: OwnedJobDep, store: StoreDep) -> JobDocument:
-    return _with_position(record, store)
+async def get_job(record: OwnedJobDep, aconn: AsyncRedisDep) -> JobDocument:
+    return await _positioned(record, aconn)
 
 
 class _ResultFile(FileResponse):
@@ -173,7 +183,7 @@ class _ResultFile(FileResponse):
         409: {"description": "The job has not succeeded (yet)."},
     },
 )
-def get_result(record: OwnedJobDep, blobs: BlobsDep) -> FileResponse:
+async def get_result(record: OwnedJobDep, blobs: BlobsDep) -> Response:
     """The result as one safetensors file, streamed from disk."""
     doc = record.document
     if doc.status is not JobStatus.SUCCEEDED:
@@ -181,11 +191,22 @@ def get_result(record: OwnedJobDep, blobs: BlobsDep) -> FileResponse:
             status.HTTP_409_CONFLICT, f"job {doc.id} is {doc.status}, not succeeded"
         )
     path = blobs.path(doc.id)
-    if not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"the result of job {doc.id} has expired")
-    return _ResultFile(
-        path, media_type="application/octet-stream", filename=f"{doc.kind}-{doc.id}.safetensors"
-    )
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"the result of job {doc.id} has expired"
+        ) from None
+    name = f"{doc.kind}-{doc.id}.safetensors"
+    if info.st_size <= SMALL_RESULT_BYTES:
+        # read at once: FileResponse's thread-pool trips (open, each read, close) cost
+        # more than a small file itself
+        return Response(
+            path.read_bytes(),
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+    return _ResultFile(path, stat_result=info, media_type="application/octet-stream", filename=name)
 
 
 @router.delete("/{job_id}", response_model=JobDocument, status_code=status.HTTP_202_ACCEPTED)
@@ -207,10 +228,12 @@ def cancel_job(record: OwnedJobDep, store: StoreDep, settings: SettingsDep) -> J
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def job_events(record: OwnedJobDep, store: StoreDep, hub: EventsDep) -> StreamingResponse:
+async def job_events(
+    record: OwnedJobDep, aconn: AsyncRedisDep, hub: EventsDep
+) -> StreamingResponse:
     """Server-sent events: ``status`` (the job document) and ``progress``, until the job ends."""
     return StreamingResponse(
-        _event_stream(record.document.id, store, hub),
+        _event_stream(record.document.id, aconn, hub),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -220,19 +243,23 @@ def _sse(event: str, data: str) -> str:
     return f"event: {event}\ndata: {data}\n\n"
 
 
-async def _event_stream(job_id: str, store: JobStore, hub: EventHub) -> AsyncIterator[str]:
+async def _event_stream(
+    job_id: str, aconn: redis.asyncio.Redis, hub: EventHub
+) -> AsyncIterator[str]:
     """Status and progress until the job ends; if Redis goes away meanwhile, an ``error``
     event and the end of the stream (the client reconnects, and gets the current status)."""
     try:
         async with hub.subscription(job_id) as inbox:
-            async for chunk in _events(job_id, store, inbox):
+            async for chunk in _events(job_id, aconn, inbox):
                 yield chunk
     except redis.RedisError as exc:
         log.warning("event stream ended, Redis unavailable: %s", exc)
         yield _sse("error", json.dumps({"detail": "the job queue (Redis) is unavailable"}))
 
 
-async def _events(job_id: str, store: JobStore, inbox: asyncio.Queue[bytes]) -> AsyncIterator[str]:
+async def _events(
+    job_id: str, aconn: redis.asyncio.Redis, inbox: asyncio.Queue[bytes]
+) -> AsyncIterator[str]:
     """Status events carry the job's record, so the stream reads it from Redis only at
     the start, when a job goes back to the queue (its position is not in the record) and
     after a quiet keep-alive period (a queued job's position moves without events of its
@@ -241,9 +268,11 @@ async def _events(job_id: str, store: JobStore, inbox: asyncio.Queue[bytes]) -> 
     doc: JobDocument | None = None
     while True:
         if doc is None:
-            doc = await run_in_threadpool(_current, job_id, store)
-            if doc is None:
+            raw = cast("dict[bytes, bytes]", await aconn.hgetall(job_key(job_id)))
+            record = JobStore.record_of(raw)
+            if record is None:
                 return
+            doc = await _positioned(record, aconn)
         if (doc.status, doc.queue_position) != last:
             last = (doc.status, doc.queue_position)
             yield _sse("status", doc.model_dump_json())
@@ -268,8 +297,3 @@ async def _events(job_id: str, store: JobStore, inbox: asyncio.Queue[bytes]) -> 
             if inbox.empty():
                 break
             data = inbox.get_nowait()
-
-
-def _current(job_id: str, store: JobStore) -> JobDocument | None:
-    record = store.get(job_id)
-    return None if record is None else _with_position(record, store)
