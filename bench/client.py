@@ -64,25 +64,32 @@ class BenchClient:
 
         Through the standard library's ``http.client``: httpx parses the body in Python
         and tops out near 150 MiB/s on a small machine, which would measure the client.
-        Each thread keeps its connection open between downloads, as any HTTP client does.
+        Each thread keeps its connection open between downloads, as any HTTP client does,
+        and opens a new one when the server has closed the idle one.
         """
         local = self._local
         if getattr(local, "conn", None) is None:
-            local.conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
             local.buffer = memoryview(bytearray(_CHUNK))
-        conn = local.conn
+        else:
+            try:
+                return self._download(local.conn, job_id)
+            except (http.client.RemoteDisconnected, ConnectionError):
+                local.conn.close()  # closed by the server while idle: once more, anew
+        local.conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
+        return self._download(local.conn, job_id)
+
+    def _download(self, conn: http.client.HTTPConnection, job_id: str) -> int:
         try:
             conn.request("GET", f"/v1/jobs/{job_id}/result")
             r = conn.getresponse()
             if r.status != 200:
                 raise RuntimeError(f"download failed: {r.status} {r.read()!r}")
             size = 0
-            while read := r.readinto(local.buffer):
+            while read := r.readinto(self._local.buffer):
                 size += read
             return size
         except BaseException:
             conn.close()
-            local.conn = None
             raise
 
     def round_trip(self, body: dict[str, Any]) -> RoundTrip:
