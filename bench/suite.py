@@ -243,6 +243,9 @@ def throughput(client: BenchClient, stack: Stack, lm: LoadedModel, repeats: int)
                 future.result()
         return time.perf_counter() - began
 
+    for model in (BATCHED, SOLO):  # warm-up: the client's connections, the server's tasks
+        concurrent(model)
+    time.sleep(1.5 * stack.settings.heartbeat_s)
     before = _batching(stack)
     runs: dict[str, list[float]] = {"sequential": [], "batched": [], "solo": []}
     for _ in range(repeats):

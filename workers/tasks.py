@@ -47,7 +47,7 @@ _requests: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 CLAIM_SCAN = 64
 """Queued jobs looked at, from the head of the queue, for companions of a batchable job."""
 SUBMISSION_POLL_S = 0.001
-SUBMISSIONS_QUIET_S = 0.005
+SUBMISSIONS_QUIET_S = 0.010
 """How long no submission must be in flight before a waiting burst counts as queued:
 the API's handlers come one after another, with short gaps between them."""
 
