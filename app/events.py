@@ -81,6 +81,9 @@ class EventHub:
                 if self._ready.is_set():
                     log.warning("job event subscription lost: %s", exc)
                 self._lose()
+            except Exception:  # a bug must not end the streams' only source for good
+                log.exception("job event subscription failed; subscribing again")
+                self._lose()
             finally:
                 self._ready.clear()
                 with contextlib.suppress(redis.RedisError, OSError):
@@ -90,7 +93,7 @@ class EventHub:
 
     def _dispatch(self, message: dict[str, object]) -> None:
         channel, data = message.get("channel"), message.get("data")
-        if message.get("type") != "pmessage" or not isinstance(channel, bytes):
+        if not (message.get("type") == "pmessage" and isinstance(channel, bytes)):
             return
         if not isinstance(data, bytes):
             return

@@ -184,7 +184,7 @@ class _ResultFile(FileResponse):
     },
 )
 async def get_result(record: OwnedJobDep, blobs: BlobsDep) -> Response:
-    """The result as one safetensors file, streamed from disk."""
+    """The result as one safetensors file, read from disk (streamed when large)."""
     doc = record.document
     if doc.status is not JobStatus.SUCCEEDED:
         raise HTTPException(
