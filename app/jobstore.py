@@ -241,10 +241,7 @@ class JobStore:
         """A record from its hash as Redis returns it (HGETALL); None if there is none."""
         if not raw:
             return None
-        return cls._record({k.decode(): v.decode() for k, v in raw.items()})
-
-    @classmethod
-    def _record(cls, fields: dict[str, str]) -> JobRecord:
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
         return JobRecord(
             document=cls.document_of(fields),
             owner=fields["owner"],
@@ -285,12 +282,8 @@ class JobStore:
         started = now()
         keys = [job_key(job_id), events_channel(job_id), RUNNING, *(unqueue or ())]
         argv = [worker, started.isoformat(), repr(started.timestamp()), job_id]
-        flat = cast("list[bytes] | None", self._start(keys=keys, args=argv))
-        if not flat:
-            return None
-        return self._record(
-            {k.decode(): v.decode() for k, v in zip(flat[::2], flat[1::2], strict=True)}
-        )
+        flat = cast("list[bytes] | None", self._start(keys=keys, args=argv)) or []
+        return self.record_of(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def running(self) -> list[RunningJob]:
         """Jobs marked running, with the worker holding each."""

@@ -27,6 +27,11 @@ def queue_name(model: str) -> str:
     return f"{PREFIX}.{model}"
 
 
+def queue_key(model: str) -> str:
+    """The Redis list of the model's RQ queue."""
+    return Queue.redis_queue_namespace_prefix + queue_name(model)
+
+
 @lru_cache(maxsize=1024)
 def model_queue(connection: redis.Redis, model: str) -> Queue:
     """The model's RQ queue on ``connection``; made once (RQ resolves its serializer at
@@ -73,10 +78,6 @@ class Submission:
     def __init__(self, model: str, kind: str) -> None:
         self._key, self._open = submitting_key(model, kind), False
 
-    @property
-    def in_flight(self) -> bool:
-        return self._open
-
     async def open(self, connection: redis.asyncio.Redis) -> None:
         pipe = connection.pipeline(transaction=False)
         pipe.incr(self._key)
@@ -104,15 +105,14 @@ def submissions_in_flight(connection: redis.Redis, model: str, kind: str) -> int
 
 
 def queue_position(connection: redis.Redis, model: str, job_id: str) -> int | None:
-    return model_queue(connection, model).get_job_position(job_id)
+    return cast("int | None", connection.lpos(queue_key(model), job_id))
 
 
 async def queue_position_async(
     connection: redis.asyncio.Redis, model: str, job_id: str
 ) -> int | None:
     """:func:`queue_position` through the asyncio client."""
-    key = Queue.redis_queue_namespace_prefix + queue_name(model)
-    return cast("int | None", await connection.lpos(key, job_id))
+    return cast("int | None", await connection.lpos(queue_key(model), job_id))
 
 
 def queue_depth(connection: redis.Redis, model: str) -> int:

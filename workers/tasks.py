@@ -202,12 +202,12 @@ def _claim(
     budget = rt.registry.specs[doc.model].max_batch_tokens
     chosen = [leader]
     conn = rt.store.redis
-    queue_key = queue.model_queue(conn, doc.model).key
+    queue_key = queue.queue_key(doc.model)
     seen: set[str] = set()
     members: list[_Member] = []
     while not batcher.is_full(chosen, budget):
         queued = cast("list[bytes]", conn.lrange(queue_key, 0, CLAIM_SCAN - 1))
-        ids = [i.decode() for i in queued if i.decode() not in seen]
+        ids = [i for i in (q.decode() for q in queued) if i not in seen]
         if not ids:
             break
         seen.update(ids)

@@ -132,7 +132,7 @@ def _queue_job(
     request.state.job_id = doc.id
     submission.done_with(pipe)
     queue.enqueue(conn, job.model, doc.id, settings.job_timeout_s, pipeline=pipe)
-    pipe.lpos(queue.model_queue(conn, job.model).key, doc.id)
+    pipe.lpos(queue.queue_key(job.model), doc.id)
     doc.queue_position = pipe.execute()[-1]
     submission.closed()
     log.info("queued %s on %s", doc.kind, doc.model, extra={"job_id": doc.id})
