@@ -1,14 +1,20 @@
-"""Result downloads: small files in one read, large ones streamed, the same bytes either way."""
+"""Result downloads: the same bytes at every size, from the page cache or from disk, and
+starlette's Range handling kept."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
-from app.api.routes.jobs import SMALL_RESULT_BYTES
+from app.api import result_file
+from app.api.result_file import CHUNK_BYTES, read_chunk
 from app.blobstore import BlobStore
 from app.core.redis_server import RedisServer
 from app.jobstore import ANONYMOUS, JobStore
@@ -16,19 +22,29 @@ from app.schemas import JobStatus
 from tests.conftest import api_client
 
 
-@pytest.mark.parametrize("size", [10, SMALL_RESULT_BYTES, SMALL_RESULT_BYTES + 1, 5 << 20])
-def test_results_of_every_size_come_back_whole(
-    redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path, size: int
-) -> None:
+@contextmanager
+def _result(
+    redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path, content: bytes
+) -> Iterator[tuple[TestClient, str, BlobStore]]:
     store = JobStore(redis_conn)
     blobs = BlobStore(tmp_path / "results")
     job_id = store.create(kind="score", model="m", owner=ANONYMOUS, params={}).id
     store.start(job_id, "w")
-    content = os.urandom(size)
     blobs.path(job_id).parent.mkdir(parents=True, exist_ok=True)
     blobs.path(job_id).write_bytes(content)
     assert store.finish(job_id, JobStatus.SUCCEEDED, ttl_s=100)
     with api_client(redis_server, tmp_path, keys=[], results_dir=blobs.root) as client:
+        yield client, job_id, blobs
+
+
+@pytest.mark.parametrize(
+    "size", [0, 10, CHUNK_BYTES - 1, CHUNK_BYTES, CHUNK_BYTES + 1, 5 * CHUNK_BYTES + 3]
+)
+def test_results_of_every_size_come_back_whole(
+    redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path, size: int
+) -> None:
+    content = os.urandom(size)
+    with _result(redis_server, redis_conn, tmp_path, content) as (client, job_id, blobs):
         r = client.get(f"/v1/jobs/{job_id}/result")
         assert r.status_code == 200 and r.content == content
         assert r.headers["content-length"] == str(size)
@@ -37,3 +53,48 @@ def test_results_of_every_size_come_back_whole(
         assert disposition == f'attachment; filename="score-{job_id}.safetensors"'
         blobs.delete(job_id)
         assert client.get(f"/v1/jobs/{job_id}/result").status_code == 404
+
+
+def test_range_requests_are_answered_as_by_a_file_response(
+    redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    content = os.urandom(3 * CHUNK_BYTES)
+    with _result(redis_server, redis_conn, tmp_path, content) as (client, job_id, _):
+        url = f"/v1/jobs/{job_id}/result"
+        part = client.get(url, headers={"Range": f"bytes=10-{CHUNK_BYTES + 9}"})
+        assert part.status_code == 206 and part.content == content[10 : CHUNK_BYTES + 10]
+        assert part.headers["content-range"] == f"bytes 10-{CHUNK_BYTES + 9}/{len(content)}"
+
+
+def test_a_file_read_from_disk_comes_back_whole(
+    redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    """Evicted from the page cache, the file is read in a thread, not in the event loop."""
+    content = os.urandom(2 * CHUNK_BYTES + 5)
+    path = tmp_path / "blob"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if result_file._cached(fd, 0, CHUNK_BYTES):
+            pytest.skip("this file system keeps the file cached")
+        assert asyncio.run(read_chunk(fd, 0, CHUNK_BYTES)) == content[:CHUNK_BYTES]
+        assert result_file._cached(fd, 0, CHUNK_BYTES)  # read once, it is cached now
+        tail = asyncio.run(read_chunk(fd, 2 * CHUNK_BYTES, CHUNK_BYTES))
+        assert tail == content[2 * CHUNK_BYTES :]  # fewer bytes at the end of the file
+    finally:
+        os.close(fd)
+
+
+def test_without_nowait_reads_every_chunk_in_a_thread(
+    redis_server: RedisServer,
+    redis_conn: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where RWF_NOWAIT is missing (not Linux), nothing counts as cached."""
+    monkeypatch.setattr(result_file, "_NOWAIT", None)
+    content = os.urandom(CHUNK_BYTES + 7)
+    with _result(redis_server, redis_conn, tmp_path, content) as (client, job_id, _):
+        assert client.get(f"/v1/jobs/{job_id}/result").content == content

@@ -26,6 +26,7 @@ from app.api.deps import (
     SettingsDep,
     StoreDep,
 )
+from app.api.result_file import ResultFile
 from app.api.routes.datasets import dataset_record
 from app.core.config import Settings
 from app.events import LOST, EventHub
@@ -36,8 +37,6 @@ from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SSE_KEEPALIVE_S = 10.0
-SMALL_RESULT_BYTES = 1 << 20
-"""Results up to this size are sent from one read; larger ones are streamed in chunks."""
 RETRY_AFTER_S = 10
 log = logging.getLogger(__name__)
 
@@ -168,13 +167,6 @@ async def get_job(record: OwnedJobDep, aconn: AsyncRedisDep) -> JobDocument:
     return await _positioned(record, aconn)
 
 
-class _ResultFile(FileResponse):
-    """Streams in 1 MiB reads: starlette's 64 KiB chunks cap loopback downloads near
-    200 MiB/s here (a trip through the ASGI stack per chunk); memory stays one chunk."""
-
-    chunk_size = 1 << 20
-
-
 @router.get(
     "/{job_id}/result",
     response_class=FileResponse,
@@ -184,7 +176,7 @@ class _ResultFile(FileResponse):
     },
 )
 async def get_result(record: OwnedJobDep, blobs: BlobsDep) -> Response:
-    """The result as one safetensors file, read from disk (streamed when large)."""
+    """The result as one safetensors file, streamed from disk a chunk at a time."""
     doc = record.document
     if doc.status is not JobStatus.SUCCEEDED:
         raise HTTPException(
@@ -198,15 +190,7 @@ async def get_result(record: OwnedJobDep, blobs: BlobsDep) -> Response:
             status.HTTP_404_NOT_FOUND, f"the result of job {doc.id} has expired"
         ) from None
     name = f"{doc.kind}-{doc.id}.safetensors"
-    if info.st_size <= SMALL_RESULT_BYTES:
-        # read at once: FileResponse's thread-pool trips (open, each read, close) cost
-        # more than a small file itself
-        return Response(
-            path.read_bytes(),
-            media_type="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{name}"'},
-        )
-    return _ResultFile(path, stat_result=info, media_type="application/octet-stream", filename=name)
+    return ResultFile(path, stat_result=info, media_type="application/octet-stream", filename=name)
 
 
 @router.delete("/{job_id}", response_model=JobDocument, status_code=status.HTTP_202_ACCEPTED)
