@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import struct
 import subprocess
@@ -54,6 +55,8 @@ REPO = Path(__file__).resolve().parent.parent
 SEED_PYTHON_ENV = "LENS_BENCH_SEED_PYTHON"
 SEED_VENV = Path("/tmp/seedenv/bin/python")
 GIB = 1 << 30
+OVERHEAD_RESULT_BYTES = 17_054_176
+"""The size of the overhead section's full-logits result (8 × 64 × 8192 float32 and more)."""
 
 
 def main() -> None:
@@ -119,6 +122,7 @@ def _run_sections(
     sections: list[tuple[str, Callable[[], list[Row]]]] = [
         ("latency", lambda: small_job_latency(client, lm)),
         ("overhead", lambda: overhead(client, lm, args.repeats)),
+        ("storage", lambda: result_writes(stack.settings.blob_dir, OVERHEAD_RESULT_BYTES)),
         ("throughput", lambda: throughput(client, stack, lm, max(3, args.repeats // 2))),
         ("chg", lambda: chg_vs_seed(args.no_seed)),
         ("download", lambda: big_download(client, stack, int(args.download_gib * GIB))),
@@ -211,6 +215,48 @@ def overhead(client: BenchClient, lm: LoadedModel, repeats: int) -> list[Row]:
             f"median of {repeats}; a {sizes['final'] / 1e6:.2f} MB result; ratio as above",
         ),
     ]
+
+
+def result_writes(directory: Path, size: int, count: int = 10) -> list[Row]:
+    """Writing a result-sized file where the service stores results, outside the service:
+    each kept, as results are (so it takes memory the page cache has not used yet), and
+    each deleted before the next (so it reuses the memory just freed). On a machine where
+    new memory is costly, e.g. a VM whose host backs its memory lazily, the first is
+    much slower, and it is what a job returning such a result pays."""
+    data = memoryview(os.urandom(size))
+    directory.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-writes-", dir=directory))
+    kept: list[float] = []
+    reused: list[float] = []
+    try:
+        for i in range(count):
+            kept.append(_timed_write(scratch / f"kept-{i}", data))
+        for _ in range(count):
+            reused.append(_timed_write(scratch / "reused", data))
+            (scratch / "reused").unlink()
+    finally:
+        shutil.rmtree(scratch)
+    mb = size / 1e6
+    return [
+        Row(
+            f"writing a {mb:.0f} MB result file, kept",
+            f"{statistics.median(kept) * 1e3:.1f} ms",
+            f"median of {count}, each file kept; where the service writes results",
+        ),
+        Row(
+            f"writing a {mb:.0f} MB result file, each deleted first",
+            f"{statistics.median(reused) * 1e3:.1f} ms",
+            "the same into memory just freed: the difference is this machine's cost of new "
+            "memory, which the full-logits job above pays",
+        ),
+    ]
+
+
+def _timed_write(path: Path, data: memoryview) -> float:
+    began = time.perf_counter()
+    with open(path, "wb") as f:
+        f.write(data)
+    return time.perf_counter() - began
 
 
 def throughput(client: BenchClient, stack: Stack, lm: LoadedModel, repeats: int) -> list[Row]:

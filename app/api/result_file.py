@@ -63,9 +63,10 @@ class ResultFile(FileResponse):
                 offset += length
                 more = offset < size
                 await send({"type": "http.response.body", "body": chunk, "more_body": more})
-                # a cached read and a send into free socket buffer never suspend: let the
-                # disconnect watcher and other requests run between chunks
-                await anyio.lowlevel.checkpoint()
+                if more:
+                    # a cached read and a send into free socket buffer never suspend: let
+                    # the disconnect watcher and other requests run between chunks
+                    await anyio.lowlevel.checkpoint()
         finally:
             os.close(fd)
 
