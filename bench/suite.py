@@ -121,7 +121,7 @@ def _run_sections(
 ) -> list[Row]:
     sections: list[tuple[str, Callable[[], list[Row]]]] = [
         ("latency", lambda: small_job_latency(client, lm)),
-        ("overhead", lambda: overhead(client, lm, args.repeats)),
+        ("overhead", lambda: overhead(client, lm, 3 * args.repeats)),
         ("storage", lambda: result_writes(stack.settings.blob_dir, OVERHEAD_RESULT_BYTES)),
         ("throughput", lambda: throughput(client, stack, lm, max(3, args.repeats // 2))),
         ("chg", lambda: chg_vs_seed(args.no_seed)),
@@ -159,7 +159,9 @@ def small_job_latency(client: BenchClient, lm: LoadedModel, count: int = 40) -> 
 
 def overhead(client: BenchClient, lm: LoadedModel, repeats: int) -> list[Row]:
     """A compute-bound score job through the service versus its bare forward pass: with
-    its full logits (a 17 MB result), and with the final token's only (0.3 MB)."""
+    its full logits (a 17 MB result), and with the final token's only (0.3 MB). A pair
+    takes a third of a second, and single ratios range over ±15 % on a shared VM, so the
+    median is over three times ``--repeats`` pairs."""
     texts = texts_of_length(lm.tokenizer, 8, 64, seed=1)
     enc = lm.tokenizer(texts, padding=True, return_tensors="pt").to(lm.device)
     bodies = {
