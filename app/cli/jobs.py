@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
@@ -129,10 +130,15 @@ def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
-def _when(value: str | None) -> str:
+def _when(value: str | None, *, short: bool = False) -> str:
+    """Local time; ``short``: the time alone for today, the date and minute otherwise."""
     if not value:
         return ""
-    return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    when = datetime.fromisoformat(value).astimezone()
+    if not short:
+        return when.strftime("%Y-%m-%d %H:%M:%S")
+    today = when.date() == datetime.now().astimezone().date()
+    return when.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M")
 
 
 def _duration(doc: dict[str, Any]) -> str:
@@ -141,7 +147,7 @@ def _duration(doc: dict[str, Any]) -> str:
     seconds = (
         datetime.fromisoformat(doc["finished_at"]) - datetime.fromisoformat(doc["started_at"])
     ).total_seconds()
-    return f"{seconds:.1f} s"
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def _progress(doc: dict[str, Any]) -> str:
@@ -408,12 +414,21 @@ def jobs(
     if as_json:
         _print_json(docs)
         return
-    table = Table("kind", "model", "status", "progress", "created", "took", "error")
-    table.columns.insert(0, Column("id", no_wrap=True, min_width=32))  # ids stay copyable
+    # ids stay whole (copyable), and the one-word columns unbroken; progress and errors wrap
+    table = Table(
+        Column("id", no_wrap=True, min_width=32),
+        *(Column(name, no_wrap=True) for name in ("kind", "model", "status")),
+        "progress",
+        Column("created", no_wrap=True),
+        Column("took", no_wrap=True),
+        "error",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for d in docs:
         error = escape(d["error"]["message"][:60]) if d.get("error") else ""
         table.add_row(d["id"], d["kind"], d["model"], _status(d["status"]), _progress(d),
-                      _when(d.get("created_at")), _duration(d), error)  # fmt: skip
+                      _when(d.get("created_at"), short=True), _duration(d), error)  # fmt: skip
     out.print(table)
 
 
