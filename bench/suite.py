@@ -222,9 +222,9 @@ def overhead(client: BenchClient, lm: LoadedModel, repeats: int) -> list[Row]:
 def result_writes(directory: Path, size: int, count: int = 10) -> list[Row]:
     """Writing a result-sized file where the service stores results, outside the service:
     each kept, as results are (so it takes memory the page cache has not used yet), and
-    each deleted before the next (so it reuses the memory just freed). On a machine where
-    new memory is costly, e.g. a VM whose host backs its memory lazily, the first is
-    much slower, and it is what a job returning such a result pays."""
+    each deleted before the next (so it reuses the memory just freed). Where new memory
+    is costly (this project's VM), the first is much slower; it is what a job returning
+    such a result pays."""
     data = memoryview(os.urandom(size))
     directory.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-writes-", dir=directory))
