@@ -25,7 +25,7 @@ from app.client._tensors import (
     resolve_backend,
 )
 
-Source = str | os.PathLike[str] | bytes
+Source = str | os.PathLike[str] | bytes | bytearray
 
 ROLE_CODES = {"irrelevant": 0, "facilitating": 1, "interfering": 2, "inconsistent": 3}
 """Consensus role of a head, as coded in a chg result's ``taxonomy`` tensor."""

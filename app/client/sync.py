@@ -12,9 +12,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import httpx
 
 from app.client import _http, _kinds
+from app.client._body import BodySink
 from app.client._http import Call, ClientConfig, DatasetSource, RetryPolicy, ServerEvent
 from app.client._kinds import JobSpec, method_like
-from app.client._tensors import TensorBackend, write_atomic
+from app.client._tensors import TensorBackend
 from app.client._wait import ProgressCallback, ProgressReporter, Waiter, job_failure
 from app.client.errors import Conflict, LensError
 from app.client.results import (
@@ -40,19 +41,39 @@ class _Transport:
         self.config = config
         self._http = httpx.Client(**config.httpx_options(), transport=transport)
 
-    def call(self, call: Call) -> Any:
+    def call(self, call: Call, into: Path | None = None) -> Any:
+        """Send ``call``, retrying as the policy says; a raw call's body is read into one
+        buffer, or written to the file ``into``, as it arrives."""
         attempt = 0
         while True:
-            outcome: httpx.Response | httpx.TransportError
+            sent: httpx.Response | httpx.TransportError | bytearray | Path
             try:
-                outcome = self._http.request(**call.request_kwargs())
+                sent = self._send(call, into)
             except httpx.TransportError as exc:
-                outcome = exc
-            delay = self.config.retry.delay(call, attempt, outcome)
+                sent = exc
+            if isinstance(sent, bytearray | Path):
+                return sent
+            delay = self.config.retry.delay(call, attempt, sent)
             if delay is None:
-                return _http.finish(call, outcome, self.config.url)
+                return _http.finish(call, sent, self.config.url)
             time.sleep(delay)
             attempt += 1
+
+    def _send(self, call: Call, into: Path | None) -> httpx.Response | bytearray | Path:
+        if not call.raw:
+            return self._http.request(**call.request_kwargs())
+        with self._http.stream(**call.request_kwargs()) as response:
+            if response.status_code != 200:
+                response.read()
+                return response
+            sink = BodySink(response, into)
+            try:
+                for chunk in response.iter_bytes():
+                    sink.add(chunk)
+            except BaseException:
+                sink.abort()
+                raise
+            return sink.finish()
 
     def events(self, job_id: str, read_timeout: float) -> Generator[ServerEvent]:
         timeout = _http.stream_timeout(self._http.timeout, read_timeout)
@@ -235,23 +256,27 @@ class Job(_kinds.JobView):
         on_progress: ProgressCallback | None = None,
     ) -> Result:
         """Wait for the job, then download and load its result (raises ``JobFailed``)."""
-        return load_result(
-            self._result_bytes(timeout, progress, on_progress), tensors=self.client.config.tensors
-        )
+        data = self._fetch_result(None, timeout, progress, on_progress)
+        return load_result(data, tensors=self.client.config.tensors)
 
     def download(self, path: str | os.PathLike[str], timeout: float | None = None) -> Path:
-        """Wait for the job, then save its result file at ``path`` (atomically)."""
-        return write_atomic(path, self._result_bytes(timeout, False, None))
+        """Wait for the job, then save its result file at ``path`` (atomically, streamed
+        to disk: the result is never held in memory whole)."""
+        return self._fetch_result(Path(path), timeout, False, None)
 
-    def _result_bytes(
-        self, timeout: float | None, progress: bool | None, on_progress: ProgressCallback | None
-    ) -> bytes:
+    def _fetch_result(
+        self,
+        into: Path | None,
+        timeout: float | None,
+        progress: bool | None,
+        on_progress: ProgressCallback | None,
+    ) -> Any:
         if self.document["status"] != "succeeded":
             self.wait(timeout, progress=progress, on_progress=on_progress)
         failure = job_failure(self.document)
         if failure is not None:
             raise failure
-        return self.client._call(_http.result_call(self.id))
+        return self.client._transport.call(_http.result_call(self.id), into)
 
     def cancel(self) -> str:
         """Cancel the job: a queued one never runs, a running one stops at its next step.
