@@ -66,7 +66,9 @@ def as_list(texts: str | list[str]) -> list[str]:
 
 
 class _JobBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and ±Infinity: Python's JSON parser takes them in a body, and an infinite
+    # learning rate or temperature passes a "> 0" bound
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(description="Name of a served model (see GET /v1/models).")
 
@@ -157,6 +159,13 @@ class TraceJob(_JobBase):
         if layers is not None and not layers:
             raise ValueError("must name at least one layer")
         return layers
+
+    @field_validator("positions")
+    @classmethod
+    def _positions_non_empty(cls, positions: str | list[int]) -> str | list[int]:
+        if isinstance(positions, list) and not positions:
+            raise ValueError("must name at least one position (or be 'all' or 'last')")
+        return positions
 
 
 class _PromptTargets(_JobBase):

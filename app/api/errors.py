@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 log = logging.getLogger(__name__)
@@ -19,6 +23,16 @@ def field_error(field: str, message: str) -> list[dict[str, object]]:
 
 
 def install(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's own 422, with the values JSON cannot carry written as strings: Python's
+        JSON parser takes NaN and Infinity in a body, and the default answer, which
+        echoes the input, then failed to render (a 500)."""
+        return JSONResponse(
+            {"detail": _json_safe(jsonable_encoder(exc.errors()))},
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        )
+
     @app.exception_handler(redis.RedisError)
     async def redis_down(_: Request, exc: Exception) -> JSONResponse:
         """Redis down, restarting (loading its data) or refusing writes: the service is
@@ -32,3 +46,13 @@ def install(app: FastAPI) -> None:
             status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
             headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
         )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # 'nan', 'inf', '-inf'
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value

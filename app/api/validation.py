@@ -80,7 +80,13 @@ def check_dataset_rows(field: str, rows: int, limits: Limits) -> None:
 
 
 def check_shape(job: Request, info: ModelInfo) -> None:
-    """Layer indices and head-mask shapes against the shape GET /v1/models reports."""
+    """Layer indices, head-mask shapes and ``top_k`` against the shape GET /v1/models
+    reports."""
+    vocab = info.vocab_size
+    if isinstance(job, ScoreJob) and job.top_k is not None and vocab and job.top_k > vocab:
+        raise invalid(
+            "top_k", f"{job.top_k} exceeds the vocabulary of model {info.name!r} ({vocab})"
+        )
     layers, heads = info.layers, info.heads
     if layers is None or heads is None:
         return

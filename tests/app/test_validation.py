@@ -1,0 +1,52 @@
+"""What the API refuses before anything is queued (in-process app, real Redis): values
+JSON cannot carry, and parameters checked against the model's published shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from app import queue
+from app.core.redis_server import RedisServer
+from tests.conftest import api_client
+
+
+def _post(client, text: str):
+    return client.post("/v1/jobs", content=text, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"kind": "chg", "model": "m", "texts": ["a"], "targets": ["b"], "lr": NaN}', "lr"),
+        ('{"kind": "chg", "model": "m", "texts": ["a"], "targets": ["b"], "lr": Infinity}', "lr"),
+        ('{"kind": "score", "model": "m", "texts": "a", "temperature": -Infinity}', "temperature"),
+        ('{"kind": "score", "model": "m", "texts": "a", "temperature": Infinity}', "temperature"),
+    ],
+)
+def test_nan_and_infinity_are_422s_naming_the_field(
+    redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path, body: str, field: str
+) -> None:
+    """Python's JSON parser takes them; the answer echoing them once failed to render (500)."""
+    with api_client(redis_server, tmp_path, keys=[]) as client:
+        r = _post(client, body)
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert error["loc"][-1] == field
+    assert error["input"] in ("nan", "inf", "-inf")
+
+
+def test_parameters_are_checked_against_the_models_shape(
+    redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    shape = {"name": "m", "source": "/nowhere", "layers": 2, "heads": 4, "vocab_size": 87}
+    queue.publish_model_info(redis_conn, "m", shape)
+    with api_client(redis_server, tmp_path, keys=[]) as client:
+        too_many = _post(client, '{"kind": "score", "model": "m", "texts": "a", "top_k": 88}')
+        all_of_them = _post(client, '{"kind": "score", "model": "m", "texts": "a", "top_k": 87}')
+        layer = _post(client, '{"kind": "trace", "model": "m", "texts": "a", "layers": [2]}')
+    assert too_many.status_code == 422 and "top_k" in too_many.text and "87" in too_many.text
+    assert all_of_them.status_code == 202
+    assert layer.status_code == 422 and "layers" in layer.text
