@@ -80,12 +80,18 @@ def check_dataset_rows(field: str, rows: int, limits: Limits) -> None:
 
 
 def check_shape(job: Request, info: ModelInfo) -> None:
-    """Layer indices, head-mask shapes and ``top_k`` against the shape GET /v1/models
-    reports."""
+    """Layer indices, head-mask shapes, ``top_k`` and gradient target ids against the
+    shape GET /v1/models reports."""
     vocab = info.vocab_size
     if isinstance(job, ScoreJob) and job.top_k is not None and vocab and job.top_k > vocab:
         raise invalid(
             "top_k", f"{job.top_k} exceeds the vocabulary of model {info.name!r} ({vocab})"
+        )
+    ids = job.gradients.target_ids if isinstance(job, TraceJob) and job.gradients else None
+    if ids and vocab and (bad_ids := [i for i in ids if not 0 <= i < vocab]):
+        raise invalid(
+            "gradients.target_ids",
+            f"{bad_ids} are not token ids of model {info.name!r} (vocabulary {vocab})",
         )
     layers, heads = info.layers, info.heads
     if layers is None or heads is None:

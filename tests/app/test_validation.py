@@ -47,6 +47,12 @@ def test_parameters_are_checked_against_the_models_shape(
         too_many = _post(client, '{"kind": "score", "model": "m", "texts": "a", "top_k": 88}')
         all_of_them = _post(client, '{"kind": "score", "model": "m", "texts": "a", "top_k": 87}')
         layer = _post(client, '{"kind": "trace", "model": "m", "texts": "a", "layers": [2]}')
+        target = _post(
+            client,
+            '{"kind": "trace", "model": "m", "texts": "a", "gradients": {"target_ids": [3, 87]}}',
+        )
     assert too_many.status_code == 422 and "top_k" in too_many.text and "87" in too_many.text
     assert all_of_them.status_code == 202
     assert layer.status_code == 422 and "layers" in layer.text
+    assert target.status_code == 422 and "[87] are not token ids" in target.text
+    assert target.json()["detail"][0]["loc"] == ["body", "gradients", "target_ids"]
