@@ -123,7 +123,7 @@ def _run_sections(
         ("latency", lambda: small_job_latency(client, lm)),
         ("overhead", lambda: overhead(client, lm, 3 * args.repeats)),
         ("storage", lambda: result_writes(stack.settings.blob_dir, OVERHEAD_RESULT_BYTES)),
-        ("throughput", lambda: throughput(client, stack, lm, max(3, args.repeats // 2))),
+        ("throughput", lambda: throughput(client, stack, lm, args.repeats)),
         ("chg", lambda: chg_vs_seed(args.no_seed)),
         ("download", lambda: big_download(client, stack, int(args.download_gib * GIB))),
     ]
