@@ -1,5 +1,5 @@
 """Result downloads: the same bytes at every size, from the page cache or from disk, and
-starlette's Range handling kept."""
+starlette's HEAD and Range handling kept."""
 
 from __future__ import annotations
 
@@ -55,12 +55,15 @@ def test_results_of_every_size_come_back_whole(
         assert client.get(f"/v1/jobs/{job_id}/result").status_code == 404
 
 
-def test_range_requests_are_answered_as_by_a_file_response(
+def test_head_and_range_requests_are_answered_as_by_a_file_response(
     redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
     content = os.urandom(3 * CHUNK_BYTES)
     with _result(redis_server, redis_conn, tmp_path, content) as (client, job_id, _):
         url = f"/v1/jobs/{job_id}/result"
+        head = client.head(url)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(content))
         part = client.get(url, headers={"Range": f"bytes=10-{CHUNK_BYTES + 9}"})
         assert part.status_code == 206 and part.content == content[10 : CHUNK_BYTES + 10]
         assert part.headers["content-range"] == f"bytes 10-{CHUNK_BYTES + 9}/{len(content)}"

@@ -167,8 +167,9 @@ async def get_job(record: OwnedJobDep, aconn: AsyncRedisDep) -> JobDocument:
     return await _positioned(record, aconn)
 
 
-@router.get(
+@router.api_route(
     "/{job_id}/result",
+    methods=["GET", "HEAD"],  # HEAD: the size (Content-Length) before a large download
     response_class=FileResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "A safetensors file."},
@@ -176,7 +177,8 @@ async def get_job(record: OwnedJobDep, aconn: AsyncRedisDep) -> JobDocument:
     },
 )
 async def get_result(record: OwnedJobDep, blobs: BlobsDep) -> Response:
-    """The result as one safetensors file, streamed from disk a chunk at a time."""
+    """The result as one safetensors file, streamed from disk a chunk at a time (``HEAD``:
+    its headers alone)."""
     doc = record.document
     if doc.status is not JobStatus.SUCCEEDED:
         raise HTTPException(
