@@ -16,8 +16,10 @@ from fastapi.testclient import TestClient
 from app.api import result_file
 from app.api.result_file import CHUNK_BYTES, read_chunk
 from app.blobstore import BlobStore
+from app.core.config import ModelSpec, Settings
 from app.core.redis_server import RedisServer
 from app.jobstore import ANONYMOUS, JobStore
+from app.main import create_app
 from app.schemas import JobStatus
 from tests.conftest import api_client
 
@@ -101,3 +103,11 @@ def test_without_nowait_reads_every_chunk_in_a_thread(
     content = os.urandom(CHUNK_BYTES + 7)
     with _result(redis_server, redis_conn, tmp_path, content) as (client, job_id, _):
         assert client.get(f"/v1/jobs/{job_id}/result").content == content
+
+
+def test_every_openapi_operation_has_its_own_id() -> None:
+    """GET and HEAD of a result are two operations; client generators need distinct ids."""
+    spec = create_app(Settings(models={"m": ModelSpec(source="/nowhere")})).openapi()
+    ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))
+    assert {"get", "head"} <= set(spec["paths"]["/v1/jobs/{job_id}/result"])

@@ -167,15 +167,16 @@ async def get_job(record: OwnedJobDep, aconn: AsyncRedisDep) -> JobDocument:
     return await _positioned(record, aconn)
 
 
-@router.api_route(
-    "/{job_id}/result",
-    methods=["GET", "HEAD"],  # HEAD: the size (Content-Length) before a large download
-    response_class=FileResponse,
-    responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "A safetensors file."},
-        409: {"description": "The job has not succeeded (yet)."},
-    },
-)
+_RESULT_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "A safetensors file."},
+    409: {"description": "The job has not succeeded (yet)."},
+}
+
+
+# HEAD: the size (Content-Length) before a large download. A route of its own, so that
+# the two operations get distinct OpenAPI ids.
+@router.head("/{job_id}/result", response_class=FileResponse, responses=_RESULT_RESPONSES)
+@router.get("/{job_id}/result", response_class=FileResponse, responses=_RESULT_RESPONSES)
 async def get_result(record: OwnedJobDep, blobs: BlobsDep) -> Response:
     """The result as one safetensors file, streamed from disk a chunk at a time (``HEAD``:
     its headers alone)."""
