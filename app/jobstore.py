@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -236,6 +236,13 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         return self.record_of(cast("dict[bytes, bytes]", self.redis.hgetall(job_key(job_id))))
 
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """The records of ``job_ids`` (None for each that has none), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [self.record_of(raw) for raw in pipe.execute()]
+
     @classmethod
     def record_of(cls, raw: dict[bytes, bytes]) -> JobRecord | None:
         """A record from its hash as Redis returns it (HGETALL); None if there is none."""
@@ -279,11 +286,33 @@ class JobStore:
 
         ``unqueue`` (a queue's list key and its entry's key) first takes the job off that
         queue, atomically: None if it was not there (another worker was first)."""
+        return self._started(self._start_script(job_id, worker, unqueue))
+
+    def start_many(
+        self, worker: str, jobs: Sequence[tuple[str, tuple[str, str] | None]]
+    ) -> list[JobRecord | None]:
+        """:meth:`start` for each (job id, unqueue) of ``jobs``, in one round trip; each
+        start is atomic on its own."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, unqueue in jobs:
+            self._start_script(job_id, worker, unqueue, client=pipe)
+        return [self._started(flat) for flat in pipe.execute()]
+
+    def _start_script(
+        self,
+        job_id: str,
+        worker: str,
+        unqueue: tuple[str, str] | None,
+        client: redis.client.Pipeline | None = None,
+    ) -> object:
         started = now()
         keys = [job_key(job_id), events_channel(job_id), RUNNING, *(unqueue or ())]
         argv = [worker, started.isoformat(), repr(started.timestamp()), job_id]
-        flat = cast("list[bytes] | None", self._start(keys=keys, args=argv)) or []
-        return self.record_of(dict(zip(flat[::2], flat[1::2], strict=True)))
+        return self._start(keys=keys, args=argv, client=client)
+
+    def _started(self, flat: object) -> JobRecord | None:
+        pairs = cast("list[bytes] | None", flat) or []
+        return self.record_of(dict(zip(pairs[::2], pairs[1::2], strict=True)))
 
     def running(self) -> list[RunningJob]:
         """Jobs marked running, with the worker holding each."""

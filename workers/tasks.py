@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from app import queue
 from app.blobstore import BlobStore, blob_metadata
 from app.core.config import Limits
-from app.jobstore import JobStore, job_key
+from app.jobstore import JobRecord, JobStore, job_key
 from app.schemas import JobDocument, JobError, JobKind, JobRequest, JobStatus, TensorInfo
 from workers import batcher, limits
 from workers.context import JobContext
@@ -198,7 +198,9 @@ def _claim(
     rt: Runtime, lm: LoadedModel, doc: JobDocument, leader: batcher.Prepared
 ) -> list[_Member]:
     """Take queued jobs of ``doc``'s kind and model that fit the model's token budget,
-    scanning the queue again while each scan finds new jobs (a burst still landing)."""
+    scanning the queue again while each scan finds new jobs (a burst still landing).
+    Each scan reads its candidates' records in one round trip and takes the ones that
+    fit in another."""
     budget = rt.registry.specs[doc.model].max_batch_tokens
     chosen = [leader]
     conn = rt.store.redis
@@ -214,29 +216,40 @@ def _claim(
         pipe = conn.pipeline(transaction=False)
         for job_id in ids:
             pipe.hmget(job_key(job_id), "kind", "status")
-        for job_id, (kind, status) in zip(ids, pipe.execute(), strict=True):
+        candidates = [
+            job_id
+            for job_id, (kind, status) in zip(ids, pipe.execute(), strict=True)
+            if kind == doc.kind.encode() and status == JobStatus.QUEUED.encode()
+        ]
+        planned: list[_Member] = []
+        for record in rt.store.get_many(candidates):
             if batcher.is_full(chosen, budget):
                 break
-            if kind is None or kind.decode() != doc.kind or status != JobStatus.QUEUED.encode():
+            prepared = _fitting(rt, lm, record, chosen, budget)
+            if record is not None and prepared is not None:
+                chosen.append(prepared)
+                planned.append(_Member(record.document, prepared))
+        takes = [(m.doc.id, (queue_key, Job.key_for(m.doc.id))) for m in planned]
+        for member, taken in zip(planned, rt.store.start_many(rt.worker_name, takes), strict=True):
+            if taken is None:  # cancelled meanwhile, or another worker was first
+                chosen.remove(member.prepared)
                 continue
-            member = _companion(rt, lm, doc, job_id, chosen, queue_key)
-            if member is not None:
-                chosen.append(member.prepared)
-                members.append(member)
+            members.append(member)
+            log.info(
+                "job %s: running %s on %s, batched with %s",
+                member.doc.id, doc.kind, doc.model, doc.id,
+            )  # fmt: skip
     return members
 
 
-def _companion(
+def _fitting(
     rt: Runtime,
     lm: LoadedModel,
-    leader: JobDocument,
-    job_id: str,
+    record: JobRecord | None,
     chosen: list[batcher.Prepared],
-    queue_key: str,
-) -> _Member | None:
-    """The queued job ``job_id``, taken, if it is valid and fits beside ``chosen``."""
-    budget = rt.registry.specs[leader.model].max_batch_tokens
-    record = rt.store.get(job_id)
+    budget: int,
+) -> batcher.Prepared | None:
+    """A queued job ready for the shared pass, if it is valid and fits beside ``chosen``."""
     if record is None:
         return None
     try:
@@ -247,18 +260,7 @@ def _companion(
         return None
     if prepared is None or batcher.padded_tokens([*chosen, prepared]) > budget:
         return None
-    if not _take(rt, queue_key, job_id):
-        return None
-    log.info(
-        "job %s: running %s on %s, batched with %s", job_id, leader.kind, leader.model, leader.id
-    )
-    return _Member(record.document, prepared)
-
-
-def _take(rt: Runtime, queue_key: str, job_id: str) -> bool:
-    """Take a queued job off its RQ queue and mark it ours; False if someone was first."""
-    taken = rt.store.start(job_id, rt.worker_name, unqueue=(queue_key, Job.key_for(job_id)))
-    return taken is not None
+    return prepared
 
 
 def _run_shared(rt: Runtime, lm: LoadedModel, members: list[_Member]) -> None:

@@ -34,6 +34,31 @@ def test_cancel_and_start_cannot_both_win(redis_conn: redis.Redis) -> None:
     assert record is not None and record.document.status is JobStatus.CANCELLED
 
 
+def test_many_starts_in_one_round_trip_each_win_or_lose_alone(
+    redis_conn: redis.Redis,
+) -> None:
+    """What a worker claiming a batch does: each job taken off its queue and started, or
+    None where it was cancelled or not on the queue (another worker was first)."""
+    store = JobStore(redis_conn)
+    queued, cancelled, elsewhere = (make(store).id for _ in range(3))
+    redis_conn.rpush("q", queued, cancelled)
+    for job_id in (queued, cancelled, elsewhere):
+        redis_conn.set(f"entry:{job_id}", "x")
+    assert store.transition(cancelled, [JobStatus.QUEUED], JobStatus.CANCELLED)
+    records = store.get_many([queued, cancelled, "f" * 32])
+    assert [r.document.id if r else None for r in records] == [queued, cancelled, None]
+    started = store.start_many(
+        "w1", [(job_id, ("q", f"entry:{job_id}")) for job_id in (queued, cancelled, elsewhere)]
+    )
+    assert started[0] is not None and started[0].document.status is JobStatus.RUNNING
+    assert started[1:] == [None, None]
+    assert redis_conn.lrange("q", 0, -1) == []  # the cancelled one leaves the queue too
+    assert [r.document.status for r in store.get_many([queued, elsewhere]) if r] == [
+        JobStatus.RUNNING,
+        JobStatus.QUEUED,
+    ]
+
+
 def test_finish_sets_fields_expiry_and_publishes(redis_conn: redis.Redis) -> None:
     store = JobStore(redis_conn)
     doc = make(store)
