@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis
+import redis.asyncio
 from redis.typing import EncodableT, FieldT
 
 from app.schemas import JobDocument, JobError, JobProgress, JobStatus, TensorInfo
@@ -235,6 +236,11 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.record_of(cast("dict[bytes, bytes]", self.redis.hgetall(job_key(job_id))))
+
+    @classmethod
+    async def get_async(cls, connection: redis.asyncio.Redis, job_id: str) -> JobRecord | None:
+        """:meth:`get` through an asyncio client (the API's request handlers)."""
+        return cls.record_of(cast("dict[bytes, bytes]", await connection.hgetall(job_key(job_id))))
 
     def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
         """The records of ``job_ids`` (None for each that has none), in one round trip."""

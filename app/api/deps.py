@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from typing import Annotated, cast
+from typing import Annotated
 
 import redis
 import redis.asyncio
@@ -19,7 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.blobstore import BlobStore
 from app.core.config import Settings
 from app.events import EventHub
-from app.jobstore import ANONYMOUS, JobRecord, JobStore, job_key
+from app.jobstore import ANONYMOUS, JobRecord, JobStore
 
 
 async def get_settings(request: Request) -> Settings:
@@ -105,10 +105,7 @@ OwnerDep = Annotated[str, Depends(get_owner)]
 
 async def get_owned_job(job_id: str, owner: OwnerDep, aconn: AsyncRedisDep) -> JobRecord:
     """The job if it exists and is the caller's; else 404 (never 403: ids stay private)."""
-    record = None
-    if _JOB_ID.match(job_id):
-        raw = cast("dict[bytes, bytes]", await aconn.hgetall(job_key(job_id)))
-        record = JobStore.record_of(raw)
+    record = await JobStore.get_async(aconn, job_id) if _JOB_ID.match(job_id) else None
     if record is None or record.owner != owner:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
     return record

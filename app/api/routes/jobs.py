@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, cast
+from typing import Annotated
 
 import redis
 import redis.asyncio
@@ -30,7 +30,7 @@ from app.api.result_file import ResultFile
 from app.api.routes.datasets import dataset_record
 from app.core.config import Settings
 from app.events import LOST, EventHub
-from app.jobstore import JobRecord, JobStore, job_key
+from app.jobstore import JobRecord, JobStore
 from app.maintenance import dataset_key
 from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 
@@ -255,8 +255,7 @@ async def _events(
     doc: JobDocument | None = None
     while True:
         if doc is None:
-            raw = cast("dict[bytes, bytes]", await aconn.hgetall(job_key(job_id)))
-            record = JobStore.record_of(raw)
+            record = await JobStore.get_async(aconn, job_id)
             if record is None:
                 return
             doc = await _positioned(record, aconn)
