@@ -26,10 +26,9 @@ from typing import Any, cast
 import torch
 from pydantic import TypeAdapter, ValidationError
 from rq.job import Job
-from safetensors.torch import save_file
 
 from app import queue
-from app.blobstore import BlobStore, blob_metadata
+from app.blobstore import BlobStore, BlobTensor, blob_metadata
 from app.core.config import Limits
 from app.jobstore import JobRecord, JobStore, job_key
 from app.schemas import JobDocument, JobError, JobKind, JobRequest, JobStatus, TensorInfo
@@ -301,21 +300,14 @@ def _run_shared(rt: Runtime, lm: LoadedModel, members: list[_Member]) -> None:
 def _deliver(rt: Runtime, doc: JobDocument, result: AnalysisResult) -> None:
     """Write the blob atomically, then mark the job succeeded (or drop the blob if it
     ended meanwhile)."""
-    tensors = _storable(result.tensors)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in result.tensors.items()}
     limits.check_result_size(tensors, rt.limits)
-    temp = rt.blobs.temp_path(doc.id)
     meta = blob_metadata(
         job_id=doc.id, kind=doc.kind, model=doc.model, params=doc.params, summary=result.summary
     )
-    try:
-        save_file(tensors, str(temp), metadata=meta)
-        rt.blobs.commit(temp, doc.id)
-    finally:
-        temp.unlink(missing_ok=True)
-    info = {
-        k: TensorInfo(dtype=str(v.dtype).removeprefix("torch."), shape=list(v.shape))
-        for k, v in tensors.items()
-    }
+    blob = {name: blob_tensor(t) for name, t in tensors.items()}
+    rt.blobs.write(doc.id, blob, meta)
+    info = {k: TensorInfo(dtype=v.dtype, shape=list(v.shape)) for k, v in blob.items()}
     if not rt.store.finish(
         doc.id, JobStatus.SUCCEEDED, summary=result.summary, tensors=info, ttl_s=rt.result_ttl_s
     ):
@@ -323,19 +315,11 @@ def _deliver(rt: Runtime, doc: JobDocument, result: AnalysisResult) -> None:
     log.info("job %s: succeeded", doc.id)
 
 
-def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, and no two sharing memory (safetensors refuses aliases, e.g. a
-    score that is literally a gate tensor)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in tensors.items():
-        t = tensor.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            t = t.clone()
-        seen.add(ptr)
-        out[name] = t
-    return out
+def blob_tensor(tensor: torch.Tensor) -> BlobTensor:
+    """The file's view of a CPU, contiguous tensor: its own memory, not a copy."""
+    data = tensor.reshape(-1).view(torch.uint8).numpy().data
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return BlobTensor(dtype=dtype, shape=tuple(tensor.shape), data=data)
 
 
 def _fail(rt: Runtime, job_id: str, exc: BaseException) -> None:
