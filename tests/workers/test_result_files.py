@@ -44,7 +44,8 @@ def _write(root: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
 
 def test_the_safetensors_library_reads_back_every_dtype_exactly(tmp_path: Path) -> None:
     tensors = _tensors()
-    path = _write(tmp_path, tensors, {"job_id": JOB, "summary": '{"a": 1}'})
+    meta = {"job_id": JOB, "params": '{"texts": ["Grüße 😀 日本"]}'}
+    path = _write(tmp_path, tensors, meta)
     assert path == BlobStore(tmp_path).path(JOB)
     back = load_file(path)
     assert back.keys() == tensors.keys()
@@ -53,7 +54,7 @@ def test_the_safetensors_library_reads_back_every_dtype_exactly(tmp_path: Path) 
         assert back[name].shape == tensor.shape, name
         assert torch.equal(back[name], tensor), name
     with safe_open(path, "pt") as f:
-        assert f.metadata() == {"job_id": JOB, "summary": '{"a": 1}'}
+        assert f.metadata() == meta
 
 
 def test_every_tensor_starts_at_a_multiple_of_its_item_size(tmp_path: Path) -> None:
