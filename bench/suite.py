@@ -228,6 +228,7 @@ def result_writes(directory: Path, size: int, count: int = 10) -> list[Row]:
     data = memoryview(np.random.default_rng(0).bytes(size))
     directory.mkdir(parents=True, exist_ok=True)
     scratch = BlobStore(Path(tempfile.mkdtemp(prefix="bench-writes-", dir=directory)))
+    tensors = {"x": BlobTensor(dtype="uint8", shape=(size,), data=data)}
     whole: list[float] = []
     chunked: list[float] = []
     try:
@@ -237,8 +238,7 @@ def result_writes(directory: Path, size: int, count: int = 10) -> list[Row]:
                 f.write(data)
             whole.append(time.perf_counter() - began)
             began = time.perf_counter()
-            tensor = BlobTensor(dtype="uint8", shape=(size,), data=data)
-            scratch.write(uuid.uuid4().hex, {"x": tensor}, {})
+            scratch.write(uuid.uuid4().hex, tensors, {})
             chunked.append(time.perf_counter() - began)
     finally:
         shutil.rmtree(scratch.root)

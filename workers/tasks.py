@@ -221,11 +221,11 @@ def _claim(
             if kind == doc.kind.encode() and status == JobStatus.QUEUED.encode()
         ]
         planned: list[_Member] = []
-        for record in rt.store.get_many(candidates):
+        for record in filter(None, rt.store.get_many(candidates)):  # gone meanwhile: skip
             if batcher.is_full(chosen, budget):
                 break
             prepared = _fitting(rt, lm, record, chosen, budget)
-            if record is not None and prepared is not None:
+            if prepared is not None:
                 chosen.append(prepared)
                 planned.append(_Member(record.document, prepared))
         takes = [(m.doc.id, (queue_key, Job.key_for(m.doc.id))) for m in planned]
@@ -244,13 +244,11 @@ def _claim(
 def _fitting(
     rt: Runtime,
     lm: LoadedModel,
-    record: JobRecord | None,
+    record: JobRecord,
     chosen: list[batcher.Prepared],
     budget: int,
 ) -> batcher.Prepared | None:
     """A queued job ready for the shared pass, if it is valid and fits beside ``chosen``."""
-    if record is None:
-        return None
     try:
         companion = _parse(record.document)
         prepared = _prepare(lm, companion)
