@@ -1,16 +1,21 @@
-"""A result file sent from the page cache without a thread hop per chunk.
+"""A result file sent from the page cache without a thread hop or a copy per chunk.
 
 Starlette's ``FileResponse`` reads every chunk in a worker thread. For a result the
-worker has just written, the data is in the page cache and a read is a memory copy, so
-those hops are most of the cost: 17 MB took 13 ms over loopback that way and 7 ms read
-here, in the event loop. A chunk is read there only when ``RWF_NOWAIT`` probes find it
-in the page cache; otherwise (an old result evicted to disk, or no ``RWF_NOWAIT``) it is
-read in a thread, so the loop does not wait on the disk.
+worker has just written, the data is in the page cache, so those hops are most of the
+cost: 17 MB took 13 ms over loopback that way and 7 ms read here, in the event loop.
+A chunk that ``RWF_NOWAIT`` probes find in the page cache is not even read: the socket
+takes it straight from a mapping of the file, which saves a copy (a real job's 17 MB
+result over loopback: 9.0 and 9.3 ms against 10.5 and 12.4 ms read with ``pread``,
+medians of 60 in alternating runs). A chunk not cached (an old result evicted to
+disk), or any chunk without ``RWF_NOWAIT``, is read in a thread, so the loop never
+waits on the disk. Result files are never changed in place (written aside, then
+renamed), so a mapping never sees its file shrink.
 """
 
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 
 import anyio
@@ -52,31 +57,55 @@ class ResultFile(FileResponse):
                 self.stat_result = os.fstat(fd)
                 self.set_stat_headers(self.stat_result)
             size, offset = self.stat_result.st_size, 0
+            chunks = FileChunks(fd)
             start = {"type": "http.response.start", "status": self.status_code}
             await send(start | {"headers": self.raw_headers})
             more = True
             while more:  # one body message at least, for an empty file too
                 length = min(CHUNK_BYTES, size - offset)
-                chunk = await read_chunk(fd, offset, length) if length else b""
+                chunk = await chunks.read(offset, length) if length else b""
                 if len(chunk) < length:
                     raise RuntimeError(f"{self.path} ended at {offset + len(chunk)} of {size}")
-                offset += length
-                more = offset < size
+                more = offset + length < size
                 await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                if offset:
+                    chunks.sent(offset - CHUNK_BYTES, CHUNK_BYTES)
+                offset += length
                 if more:
-                    # a cached read and a send into free socket buffer never suspend: let
+                    # a cached chunk and a send into free socket buffer never suspend: let
                     # the disconnect watcher and other requests run between chunks
                     await anyio.lowlevel.checkpoint()
         finally:
             os.close(fd)
 
 
-async def read_chunk(fd: int, offset: int, length: int) -> bytes:
-    """``length`` bytes at ``offset`` (fewer at the end of the file): read here when
-    cached, in a thread otherwise."""
-    if _cached(fd, offset, length):
-        return os.pread(fd, length, offset)
-    return await asyncio.to_thread(os.pread, fd, length, offset)
+class FileChunks:
+    """Ranges of an open file: views of one read-only mapping where the page cache holds
+    them, reads in a thread otherwise."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        size = os.fstat(fd).st_size
+        self._mapping = (
+            mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            if size and _NOWAIT is not None
+            else None
+        )
+
+    async def read(self, offset: int, length: int) -> bytes | memoryview:
+        """``length`` bytes at ``offset`` (fewer at the end of the file). A view keeps the
+        mapping alive as long as the transport holds it, after the file is closed."""
+        if self._mapping is not None and _cached(self.fd, offset, length):
+            return memoryview(self._mapping)[offset : offset + length]
+        return await asyncio.to_thread(os.pread, self.fd, length, offset)
+
+    def sent(self, offset: int, length: int) -> None:
+        """The range (``offset`` a multiple of the page size) is sent: drop its pages from
+        the mapping, or the process's resident memory would grow by the whole file (1
+        GiB streamed: 15 MiB at most with this, 1 GiB without). The page cache keeps
+        the pages; a view still in use maps them again."""
+        if self._mapping is not None:
+            self._mapping.madvise(mmap.MADV_DONTNEED, offset, length)
 
 
 def _cached(fd: int, offset: int, length: int) -> bool:

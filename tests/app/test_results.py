@@ -14,7 +14,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from app.api import result_file
-from app.api.result_file import CHUNK_BYTES, read_chunk
+from app.api.result_file import CHUNK_BYTES, FileChunks
 from app.blobstore import BlobStore
 from app.core.config import ModelSpec, Settings
 from app.core.redis_server import RedisServer
@@ -84,12 +84,36 @@ def test_a_file_read_from_disk_comes_back_whole(
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         if result_file._cached(fd, 0, CHUNK_BYTES):
             pytest.skip("this file system keeps the file cached")
-        assert asyncio.run(read_chunk(fd, 0, CHUNK_BYTES)) == content[:CHUNK_BYTES]
+        chunks = FileChunks(fd)
+        first = asyncio.run(chunks.read(0, CHUNK_BYTES))
+        assert isinstance(first, bytes) and first == content[:CHUNK_BYTES]
         assert result_file._cached(fd, 0, CHUNK_BYTES)  # read once, it is cached now
-        tail = asyncio.run(read_chunk(fd, 2 * CHUNK_BYTES, CHUNK_BYTES))
+        tail = asyncio.run(chunks.read(2 * CHUNK_BYTES, CHUNK_BYTES))
         assert tail == content[2 * CHUNK_BYTES :]  # fewer bytes at the end of the file
     finally:
         os.close(fd)
+
+
+def test_cached_chunks_are_views_of_the_file_that_outlive_it(tmp_path: Path) -> None:
+    """A cached chunk is sent from a mapping of the file, not copied: the view stays
+    valid after the file is closed and its pages are dropped from the mapping (the
+    transport may still hold it then), and after the file is unlinked."""
+    if result_file._NOWAIT is None:
+        pytest.skip("no RWF_NOWAIT: every chunk is read in a thread")
+    content = os.urandom(3 * CHUNK_BYTES)
+    path = tmp_path / "blob"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = FileChunks(fd)
+        views = [asyncio.run(chunks.read(i * CHUNK_BYTES, CHUNK_BYTES)) for i in range(3)]
+        assert all(isinstance(view, memoryview) for view in views)
+        chunks.sent(0, 2 * CHUNK_BYTES)
+    finally:
+        os.close(fd)
+    path.unlink()
+    del chunks
+    assert b"".join(views) == content
 
 
 def test_without_nowait_reads_every_chunk_in_a_thread(
