@@ -160,3 +160,9 @@ def publish_model_info(connection: redis.Redis, name: str, info: dict[str, Any])
 def model_infos(connection: redis.Redis) -> dict[str, dict[str, Any]]:
     infos = cast("dict[bytes, bytes]", connection.hgetall(MODELS_KEY))
     return {k.decode(): json.loads(v) for k, v in infos.items()}
+
+
+def model_info(connection: redis.Redis, name: str) -> dict[str, Any] | None:
+    """What a worker published of ``name`` (one field: a submission needs one model's)."""
+    info = cast("bytes | None", connection.hget(MODELS_KEY, name))
+    return None if info is None else cast("dict[str, Any]", json.loads(info))

@@ -95,7 +95,7 @@ def _queue_job(
     submission: queue.Submission,
 ) -> JobDocument:
     validation.check_limits(job, settings.limits)
-    info = queue.model_infos(conn).get(job.model)
+    info = queue.model_info(conn, job.model)
     if info is not None:
         validation.check_shape(job, ModelInfo.model_validate(info))
     validation.check_source_job(job, owner, store)
