@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,12 +82,15 @@ def test_a_file_read_from_disk_comes_back_whole(
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if result_file._cached(fd, 0, CHUNK_BYTES):
+        for _ in range(5):  # pages still in another CPU's LRU batch are not dropped at once
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not result_file._cached(fd, 0, CHUNK_BYTES):
+                break
+            time.sleep(0.05)
+        else:
             pytest.skip("this file system keeps the file cached")
         chunks = FileChunks(fd)
-        first = asyncio.run(chunks.read(0, CHUNK_BYTES))
-        assert isinstance(first, bytes) and first == content[:CHUNK_BYTES]
+        assert asyncio.run(chunks.read(0, CHUNK_BYTES)) == content[:CHUNK_BYTES]
         assert result_file._cached(fd, 0, CHUNK_BYTES)  # read once, it is cached now
         tail = asyncio.run(chunks.read(2 * CHUNK_BYTES, CHUNK_BYTES))
         assert tail == content[2 * CHUNK_BYTES :]  # fewer bytes at the end of the file
