@@ -85,12 +85,7 @@ class FileChunks:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        size = os.fstat(fd).st_size
-        self._mapping = (
-            mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-            if size and _NOWAIT is not None
-            else None
-        )
+        self._mapping = _map(fd)
 
     async def read(self, offset: int, length: int) -> bytes | memoryview:
         """``length`` bytes at ``offset`` (fewer at the end of the file). A view keeps the
@@ -108,10 +103,22 @@ class FileChunks:
             self._mapping.madvise(mmap.MADV_DONTNEED, offset, length)
 
 
+def _map(fd: int) -> mmap.mmap | None:
+    """The whole file, mapped read-only; ``None`` where cached chunks cannot be told
+    apart (no ``RWF_NOWAIT``), for an empty file, and where the file system cannot map
+    files (every chunk is then read)."""
+    size = os.fstat(fd).st_size
+    if not size or _NOWAIT is None:
+        return None
+    try:
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except OSError:
+        return None
+
+
 def _cached(fd: int, offset: int, length: int) -> bool:
     """Whether the range's first and last bytes are in the page cache. The kernel reads
-    ahead and evicts in runs of pages, so in practice the whole range then is; reading
-    it straight into ``bytes`` saves a copy over a checked read into a buffer."""
+    ahead and evicts in runs of pages, so in practice the whole range then is."""
     if _NOWAIT is None:
         return False
     probe = bytearray(1)

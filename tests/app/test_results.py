@@ -4,6 +4,7 @@ starlette's HEAD and Range handling kept."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from collections.abc import Iterator
@@ -131,6 +132,26 @@ def test_without_nowait_reads_every_chunk_in_a_thread(
     content = os.urandom(CHUNK_BYTES + 7)
     with _result(redis_server, redis_conn, tmp_path, content) as (client, job_id, _):
         assert client.get(f"/v1/jobs/{job_id}/result").content == content
+
+
+def test_where_files_cannot_be_mapped_every_chunk_is_read(
+    redis_server: RedisServer,
+    redis_conn: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file system that cannot map files (ENODEV): the download reads each chunk."""
+    refused: list[int] = []
+
+    def refuse(fd: int, *args: object, **kwargs: object) -> None:
+        refused.append(fd)
+        raise OSError(errno.ENODEV, "this file system cannot map files")
+
+    monkeypatch.setattr(result_file.mmap, "mmap", refuse)
+    content = os.urandom(2 * CHUNK_BYTES + 3)
+    with _result(redis_server, redis_conn, tmp_path, content) as (client, job_id, _):
+        assert client.get(f"/v1/jobs/{job_id}/result").content == content
+    assert refused or result_file._NOWAIT is None
 
 
 def test_every_openapi_operation_has_its_own_id() -> None:
