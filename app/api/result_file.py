@@ -25,7 +25,9 @@ from starlette.responses import FileResponse
 from starlette.types import Receive, Scope, Send
 
 CHUNK_BYTES = 1 << 20
-"""Read and sent at a time (4 MiB chunks were slower here: 12.6 against 6.7 ms for 17 MB)."""
+"""Sent at a time. Read with ``pread``, 4 MiB chunks were slower here (12.6 against 6.7 ms
+for 17 MB); sent from the mapping, 1 and 4 MiB took the same (8.3–9.4 ms), 256 KiB longer
+(10.2–12.5 ms)."""
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux ≥ 4.14
 
