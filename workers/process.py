@@ -29,6 +29,7 @@ from typing import Any
 
 import redis
 import torch
+from redis.client import Pipeline
 from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
@@ -147,6 +148,17 @@ class LensWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         with job_context(job.id):
             super().execute_job(job, queue)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's heartbeat, its three commands in one round trip: RQ sends them one by one
+        when not given a pipeline, twice around every job (one of them between taking a
+        job and running it)."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        with self.connection.pipeline(transaction=False) as own:
+            super().heartbeat(timeout, own)
+            own.execute()
 
     def handle_warm_shutdown_request(self) -> None:
         grace = self.lens_shutdown.settings.shutdown_grace_s
