@@ -104,14 +104,19 @@ def submissions_in_flight(connection: redis.Redis, model: str, kind: str) -> int
     return int(cast(bytes | None, connection.get(submitting_key(model, kind))) or 0)
 
 
-def queue_position(connection: redis.Redis, model: str, job_id: str) -> int | None:
-    return cast("int | None", connection.lpos(queue_key(model), job_id))
+def queue_positions(connection: redis.Redis, jobs: list[tuple[str, str]]) -> list[int | None]:
+    """Where each (model, job id) of ``jobs`` is in its model's queue (0 is next; None:
+    not queued), in one round trip."""
+    pipe = connection.pipeline(transaction=False)
+    for model, job_id in jobs:
+        pipe.lpos(queue_key(model), job_id)
+    return cast("list[int | None]", pipe.execute())
 
 
 async def queue_position_async(
     connection: redis.asyncio.Redis, model: str, job_id: str
 ) -> int | None:
-    """:func:`queue_position` through the asyncio client."""
+    """Where the job is in its model's queue (0 is next; None: not queued)."""
     return cast("int | None", await connection.lpos(queue_key(model), job_id))
 
 

@@ -48,13 +48,6 @@ async def _positioned(record: JobRecord, aconn: redis.asyncio.Redis) -> JobDocum
     return doc
 
 
-def _with_position(record: JobRecord, store: JobStore) -> JobDocument:
-    doc = record.document
-    if doc.status is JobStatus.QUEUED:
-        doc.queue_position = queue.queue_position(store.redis, doc.model, doc.id)
-    return doc
-
-
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobDocument)
 async def submit_job(
     job: Annotated[JobRequest, Body(description="The job: its kind, model and parameters.")],
@@ -147,19 +140,24 @@ def list_jobs(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobList:
-    """The caller's jobs, newest first."""
+    """The caller's jobs, newest first: a page of records, then the queued ones' positions,
+    a round trip each."""
     jobs: list[JobDocument] = []
     offset, page = 0, max(limit, 100)
     while len(jobs) < limit:
         ids = store.list_ids(owner, page, offset)
         if not ids:
             break
-        for job_id in ids:
-            record = store.get(job_id)
-            if record and (status_ is None or record.document.status is status_):
-                jobs.append(_with_position(record, store))
+        for record in filter(None, store.get_many(ids)):
+            if status_ is None or record.document.status is status_:
+                jobs.append(record.document)
         offset += page
-    return JobList(jobs=jobs[:limit])
+    jobs = jobs[:limit]
+    queued = [doc for doc in jobs if doc.status is JobStatus.QUEUED]
+    positions = queue.queue_positions(store.redis, [(doc.model, doc.id) for doc in queued])
+    for doc, position in zip(queued, positions, strict=True):
+        doc.queue_position = position
+    return JobList(jobs=jobs)
 
 
 @router.get("/{job_id}", response_model=JobDocument)
