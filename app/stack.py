@@ -51,6 +51,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class ChildExited(RuntimeError):
+    """A child process of the stack exited while it should be running."""
+
+
 @dataclass
 class Stack:
     settings: Settings
@@ -141,9 +145,10 @@ class Stack:
     def _check_children(self) -> None:
         for name, proc in [("api", self.api), *self.workers.items()]:
             if proc is not None and proc.poll() is not None:
-                log_dir = self.log_dir or self.settings.data_dir / "logs"
-                raise RuntimeError(
-                    f"{name} exited with code {proc.returncode}; see {log_dir / (name + '.log')}"
+                log = (self.log_dir or self.settings.data_dir / "logs") / f"{name}.log"
+                raise ChildExited(
+                    f"{name} exited with code {proc.returncode}: {_last_line(log)}\n"
+                    f"(its whole log: {log})"
                 )
 
     def stop(self) -> None:
@@ -175,3 +180,14 @@ def _stop(
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _last_line(log: Path, tail_bytes: int = 8192) -> str:
+    """The log's last line, where a child says why it stopped."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty log)"

@@ -45,6 +45,7 @@ from app.logs import job_context
 from app.maintenance import Reaper, settle
 from app.schemas import JobError
 from workers import limits, tasks
+from workers.lens.loading import LoadedModel
 from workers.registry import ModelRegistry, describe
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def run_worker(
         offload_dir=settings.data_dir / "offload",
     )
     for model in names:
-        queue.publish_model_info(conn, model, describe(model, registry.get(model)))
+        queue.publish_model_info(conn, model, describe(model, _load_at_start(registry, model)))
     limits.apply_memory_limits(settings, list(registry.loaded.values()))
     tasks.install(
         tasks.Runtime(
@@ -263,6 +264,18 @@ def run_worker(
         with contextlib.suppress(redis.RedisError):
             queue.remove_worker(conn, name)
         log.info("worker %s stopped", name)
+
+
+def _load_at_start(registry: ModelRegistry, name: str) -> LoadedModel:
+    """The model, or the worker exits (1) after one log line that names it and says why
+    (the traceback at debug level): the supervisor shows an operator that line."""
+    try:
+        return registry.get(name)
+    except Exception as exc:
+        source = registry.specs[name].source
+        log.debug("loading model %s failed", name, exc_info=True)
+        log.error("cannot load model %s from %s: %s: %s", name, source, type(exc).__name__, exc)
+        raise SystemExit(1) from None
 
 
 def _restarted_error(job: RunningJob) -> JobError:

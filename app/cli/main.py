@@ -119,7 +119,7 @@ def serve(
     ] = False,
 ) -> None:
     """All-in-one: its own Redis (unless --redis-url), the API and N workers; Ctrl-C stops all."""
-    from app.stack import Stack
+    from app.stack import ChildExited, Stack
 
     settings = load_settings(
         config=config, models=model, redis_url=redis_url, data_dir=data_dir, host=host, port=port,
@@ -146,6 +146,9 @@ def serve(
         signal.pause()
     except KeyboardInterrupt:
         typer.echo("stopping: API, then workers (finishing their jobs), then Redis…")
+    except (ChildExited, TimeoutError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
         stack.stop()
 

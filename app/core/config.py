@@ -57,6 +57,12 @@ class ModelSpec(BaseModel):
         "worker. Assigns models to GPUs: one worker per GPU, each named.",
     )
 
+    @field_validator("source")
+    @classmethod
+    def _home(cls, source: str) -> str:
+        """``~/models/x`` from a config file (no shell expands it there) is a local path."""
+        return os.path.expanduser(source) if source.startswith("~") else source
+
     @model_validator(mode="after")
     def _one_placement(self) -> ModelSpec:
         if self.device is not None and self.device_map is not None:

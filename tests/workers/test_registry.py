@@ -83,3 +83,18 @@ def test_a_model_larger_than_the_budget_still_loads_alone(sources: dict[str, Pat
 def test_budget_must_be_positive(sources: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="max_models"):
         registry(sources, max_models=0)
+
+
+def test_a_source_written_as_a_path_must_be_a_directory(
+    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").symlink_to(sources["a"].parent)
+    home = ModelSpec(source=f"~/models/{sources['a'].name}")
+    assert home.source == str(tmp_path / "models" / sources["a"].name)
+    assert ModelRegistry({"a": home}).get("a").source == home.source
+    monkeypatch.chdir(tmp_path)
+    for missing in (str(tmp_path / "nowhere"), "./nowhere", "../nowhere", "~/nowhere"):
+        reg = ModelRegistry({"m": ModelSpec(source=missing)})
+        with pytest.raises(FileNotFoundError, match="no such directory"):
+            reg.get("m")

@@ -76,6 +76,13 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.float32
 
 
+def _check_local(source: str) -> None:
+    """A source written as a path must be a directory: transformers would take a missing
+    one for a malformed hub id and say only that."""
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).is_dir():
+        raise FileNotFoundError("no such directory (a hub id looks like 'org/name')")
+
+
 def load_model(
     source: str,
     *,
@@ -93,6 +100,7 @@ def load_model(
     """
     if device is not None and device_map is not None:
         raise ValueError("give either device or device_map, not both")
+    _check_local(source)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
