@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from app.core.config import Settings
 from app.core.redis_server import RedisServer, start_redis
 
 STOP_TIMEOUT_S = 30.0
+QUICK_EXIT_S = 30.0
+MAX_QUICK_EXITS = 3
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -62,15 +66,21 @@ class Stack:
     api: subprocess.Popen[bytes] | None = None
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     log_dir: Path | None = None
+    _serves: dict[str, list[str] | None] = field(default_factory=dict, init=False)
+    _started: dict[str, float] = field(default_factory=dict, init=False)
 
     @property
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.port}"
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        log_dir = self.log_dir or self.settings.data_dir / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(log_dir / log_name, "ab")  # noqa: SIM115 - handed to the child
+    def _log(self, name: str) -> Path:
+        return (self.log_dir or self.settings.data_dir / "logs") / f"{name}.log"
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        path = self._log(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._started[name] = time.monotonic()
+        log = open(path, "ab")  # noqa: SIM115 - handed to the child
         return subprocess.Popen(
             [sys.executable, "-m", "app.cli.main", *args],
             env=child_env(self.settings),
@@ -108,7 +118,7 @@ class Stack:
             time.sleep(0.1)
 
     def start_api(self) -> None:
-        self.api = self._spawn(["api"], "api.log")
+        self.api = self._spawn(["api"], "api")
 
     def stop_api(self) -> None:
         if self.api is not None:
@@ -119,8 +129,9 @@ class Stack:
         args = ["worker", "--name", name]
         for model in serves or []:
             args += ["--serve", model]
-        proc = self._spawn(args, f"{name}.log")
+        proc = self._spawn(args, name)
         self.workers[name] = proc
+        self._serves[name] = serves
         return proc
 
     def wait_ready(self, timeout: float = 120.0, models: list[str] | None = None) -> None:
@@ -142,14 +153,40 @@ class Stack:
                 raise TimeoutError(f"the service was not ready within {timeout:.0f} s")
             time.sleep(0.2)
 
+    def supervise(self, report: Callable[[str], None], poll_s: float = 1.0) -> None:
+        """Until interrupted, start again each child that exits (a worker's unfinished job
+        is settled when it is back). One that keeps exiting within ``QUICK_EXIT_S`` of its
+        start, ``MAX_QUICK_EXITS`` times in a row, is not: :class:`ChildExited`."""
+        quick: Counter[str] = Counter()
+        while True:
+            time.sleep(poll_s)
+            for name, proc in self._children():
+                if proc.poll() is None:
+                    continue
+                ran = time.monotonic() - self._started[name]
+                quick[name] = quick[name] + 1 if ran < QUICK_EXIT_S else 0
+                if quick[name] >= MAX_QUICK_EXITS:
+                    raise ChildExited(f"{self._exited(name, proc)}\nit keeps exiting: stopping")
+                report(f"{self._exited(name, proc)}\nstarting {name} again")
+                if name == "api":
+                    self.start_api()
+                else:
+                    self.spawn_worker(name, self._serves[name])
+
+    def _children(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        api = [("api", self.api)] if self.api is not None else []
+        return [*api, *self.workers.items()]
+
+    def _exited(self, name: str, proc: subprocess.Popen[bytes]) -> str:
+        log = self._log(name)
+        return (
+            f"{name} exited with code {proc.returncode}: {_last_line(log)}\n(its whole log: {log})"
+        )
+
     def _check_children(self) -> None:
-        for name, proc in [("api", self.api), *self.workers.items()]:
-            if proc is not None and proc.poll() is not None:
-                log = (self.log_dir or self.settings.data_dir / "logs") / f"{name}.log"
-                raise ChildExited(
-                    f"{name} exited with code {proc.returncode}: {_last_line(log)}\n"
-                    f"(its whole log: {log})"
-                )
+        for name, proc in self._children():
+            if proc.poll() is not None:
+                raise ChildExited(self._exited(name, proc))
 
     def stop(self) -> None:
         """Stop in order: API, workers (SIGTERM: finish the current job), Redis."""

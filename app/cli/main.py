@@ -143,7 +143,7 @@ def serve(
         typer.echo(f"starting: redis {stack.settings.redis_url}, {workers} worker(s)…")
         stack.wait_ready(timeout=600)
         typer.echo(f"lens-server ready at {stack.url} (API docs at {stack.url}/docs); Ctrl-C stops")
-        signal.pause()
+        stack.supervise(report=lambda message: typer.echo(message, err=True))
     except KeyboardInterrupt:
         typer.echo("stopping: API, then workers (finishing their jobs), then Redis…")
     except (ChildExited, TimeoutError) as exc:

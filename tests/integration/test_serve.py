@@ -1,25 +1,45 @@
-"""``lens serve`` as a real process, when a model cannot be loaded: the operator gets the
-reason in one line and exit status 1, not a traceback."""
+"""``lens serve`` as a real process: a model that cannot be loaded stops it with the reason
+in one line (exit status 1, no traceback); a worker that dies later is started again."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from app.core.redis_server import free_port
+import httpx
+import pytest
+import redis
+
+from app import queue
+from app.core.redis_server import RedisServer, free_port
+from app.stack import MAX_QUICK_EXITS, ChildExited, Stack
+from tests.conftest import DEMO, service_settings
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
+
+
+def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.2)
 
 
 def test_a_model_that_cannot_load_stops_serve_with_the_workers_reason(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
     done = subprocess.run(
         [
             sys.executable, "-m", "app.cli.main", "serve", "--model", f"demo={missing}",
             "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
         ],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
@@ -28,3 +48,56 @@ def test_a_model_that_cannot_load_stops_serve_with_the_workers_reason(tmp_path: 
     reason = f"cannot load model demo from {missing}: FileNotFoundError: no such directory"
     assert reason in error[0]
     assert error[-1] == f"(its whole log: {tmp_path / 'data' / 'logs' / 'worker-0.log'})"
+
+
+def test_a_worker_that_dies_is_started_again_and_jobs_go_on(
+    tmp_path: Path, demo_model_dir: Path, redis_server: RedisServer, redis_conn: redis.Redis
+) -> None:
+    port, out, err = free_port(), tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        serve = subprocess.Popen(
+            [
+                sys.executable, "-m", "app.cli.main", "serve",
+                "--model", f"{DEMO}={demo_model_dir}", "--redis-url", redis_server.url,
+                "--port", str(port),
+                "--data-dir", str(tmp_path / "data"),
+            ],
+            env=_env(), stdout=stdout, stderr=stderr,
+        )  # fmt: skip
+    try:
+        _until(lambda: "lens-server ready" in out.read_text(), 120, "ready line")
+        (first,) = queue.live_workers(redis_conn).values()
+        os.kill(first["pid"], signal.SIGKILL)
+
+        def restarted() -> bool:
+            pids = {w["pid"] for w in queue.live_workers(redis_conn).values()}
+            return bool(pids - {first["pid"]})
+
+        _until(restarted, 120, "new worker")
+        assert "worker-0 exited with code -9" in err.read_text()
+        assert "starting worker-0 again" in err.read_text()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            job = http.post("/v1/jobs", json={"kind": "score", "model": DEMO, "texts": ["a b"]})
+            assert job.status_code == 202, job.text
+            url = f"/v1/jobs/{job.json()['id']}"
+            _until(lambda: http.get(url).json()["status"] in ("succeeded", "failed"), 120, "end")
+            assert http.get(url).json()["status"] == "succeeded", http.get(url).text
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=120) == 0, err.read_text()
+
+
+def test_a_child_that_keeps_exiting_is_not_started_again_for_ever(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    settings = service_settings(tmp_path, {DEMO: tmp_path / "missing"})
+    stack = Stack(settings.model_copy(update={"redis_url": redis_server.url}))
+    stack.spawn_worker("worker-0")
+    reports: list[str] = []
+    try:
+        with pytest.raises(ChildExited, match="it keeps exiting"):
+            stack.supervise(reports.append, poll_s=0.1)
+    finally:
+        stack.stop()
+    assert len(reports) == MAX_QUICK_EXITS - 1
+    assert all("cannot load model demo" in r and "starting worker-0 again" in r for r in reports)
