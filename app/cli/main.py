@@ -5,13 +5,18 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from app.cli import jobs
 from app.core.config import CONFIG_ENV, Settings, get_settings, parse_model_arg, read_keys_file
+
+if TYPE_CHECKING:
+    from app.stack import Stack
 
 app = typer.Typer(
     name="lens",
@@ -119,7 +124,7 @@ def serve(
     ] = False,
 ) -> None:
     """All-in-one: its own Redis (unless --redis-url), the API and N workers; Ctrl-C stops all."""
-    from app.stack import ChildExited, Stack
+    from app.stack import Stack
 
     settings = load_settings(
         config=config, models=model, redis_url=redis_url, data_dir=data_dir, host=host, port=port,
@@ -138,19 +143,34 @@ def serve(
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    with _children_reported():
+        _serve(stack, workers, own_redis=redis_url is None)
+
+
+def _serve(stack: Stack, workers: int, *, own_redis: bool) -> None:
     try:
-        stack.start(workers=workers, own_redis=redis_url is None)
+        stack.start(workers=workers, own_redis=own_redis)
         typer.echo(f"starting: redis {stack.settings.redis_url}, {workers} worker(s)…")
         stack.wait_ready(timeout=600)
         typer.echo(f"lens-server ready at {stack.url} (API docs at {stack.url}/docs); Ctrl-C stops")
         stack.supervise(report=lambda message: typer.echo(message, err=True))
     except KeyboardInterrupt:
         typer.echo("stopping: API, then workers (finishing their jobs), then Redis…")
+    finally:
+        stack.stop()
+
+
+@contextmanager
+def _children_reported() -> Iterator[None]:
+    """A child process that exits for good, or a service never ready: its reason in a line
+    on stderr and exit status 1, not a traceback."""
+    from app.stack import ChildExited
+
+    try:
+        yield
     except (ChildExited, TimeoutError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    finally:
-        stack.stop()
 
 
 @app.command()
@@ -219,7 +239,8 @@ def demo(
 
     from app.cli.demo import run_demo
 
-    run_demo(data_dir, num_updates=updates, console=Console())
+    with _children_reported():
+        run_demo(data_dir, num_updates=updates, console=Console())
 
 
 jobs.register(app)
