@@ -8,15 +8,12 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from app.cli import jobs
 from app.core.config import CONFIG_ENV, Settings, get_settings, parse_model_arg, read_keys_file
-
-if TYPE_CHECKING:
-    from app.stack import Stack
 
 app = typer.Typer(
     name="lens",
@@ -144,20 +141,18 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     with _children_reported():
-        _serve(stack, workers, own_redis=redis_url is None)
-
-
-def _serve(stack: Stack, workers: int, *, own_redis: bool) -> None:
-    try:
-        stack.start(workers=workers, own_redis=own_redis)
-        typer.echo(f"starting: redis {stack.settings.redis_url}, {workers} worker(s)…")
-        stack.wait_ready(timeout=600)
-        typer.echo(f"lens-server ready at {stack.url} (API docs at {stack.url}/docs); Ctrl-C stops")
-        stack.supervise(report=lambda message: typer.echo(message, err=True))
-    except KeyboardInterrupt:
-        typer.echo("stopping: API, then workers (finishing their jobs), then Redis…")
-    finally:
-        stack.stop()
+        try:
+            stack.start(workers=workers, own_redis=redis_url is None)
+            typer.echo(f"starting: redis {stack.settings.redis_url}, {workers} worker(s)…")
+            stack.wait_ready(timeout=600)
+            typer.echo(
+                f"lens-server ready at {stack.url} (API docs at {stack.url}/docs); Ctrl-C stops"
+            )
+            stack.supervise(report=lambda message: typer.echo(message, err=True))
+        except KeyboardInterrupt:
+            typer.echo("stopping: API, then workers (finishing their jobs), then Redis…")
+        finally:
+            stack.stop()
 
 
 @contextmanager

@@ -78,8 +78,8 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 
 def _check_local(source: str) -> None:
     """A source written as a path must be a directory: transformers would take a missing
-    one for a malformed hub id and say only that."""
-    if source.startswith(("/", "./", "../", "~")) and not Path(source).is_dir():
+    one for a malformed hub id and say only that. (``ModelSpec`` has expanded ``~``.)"""
+    if source.startswith(("/", "./", "../")) and not Path(source).is_dir():
         raise FileNotFoundError("no such directory (a hub id looks like 'org/name')")
 
 
