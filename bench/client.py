@@ -1,4 +1,5 @@
-"""What a user of the service does, timed: submit, wait on the event stream, download."""
+"""What a user of the service does, timed: submit, then one result request that waits for
+the job (or: wait on the event stream, then download)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 _CHUNK = 1 << 20
+RESULT_WAIT_S = 3600
+"""The longest wait the API takes (``GET …/result?wait=``): a CHG job takes minutes."""
 _FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -54,15 +57,22 @@ class BenchClient:
         """Follow the job's server-sent events until it ends (no polling)."""
         return self._exchange("GET", f"/v1/jobs/{job_id}/events", None, _final_status)
 
-    def download(self, job_id: str) -> int:
-        """Stream the result into a reused buffer and drop it; returns its size in bytes."""
-        return self._exchange("GET", f"/v1/jobs/{job_id}/result", None, self._drain)
+    def download(self, job_id: str, wait_s: float = 0) -> int:
+        """Stream the result into a reused buffer and drop it; returns its size in bytes.
+        With ``wait_s``, the request first waits that long at most for the job to end."""
+        query = f"?wait={wait_s:g}" if wait_s else ""
+        return self._exchange("GET", f"/v1/jobs/{job_id}/result{query}", None, self._drain)
 
-    def round_trip(self, body: dict[str, Any]) -> RoundTrip:
+    def round_trip(self, body: dict[str, Any], *, follow_events: bool = False) -> RoundTrip:
+        """Submit, then one result request that waits for the job; with ``follow_events``,
+        wait on the event stream and download after it (as a client showing progress)."""
         started = time.perf_counter()
         job_id = self.submit(body)
-        self.wait(job_id)
-        size = self.download(job_id)
+        if follow_events:
+            self.wait(job_id)
+            size = self.download(job_id)
+        else:
+            size = self.download(job_id, wait_s=RESULT_WAIT_S)
         return RoundTrip(job_id, time.perf_counter() - started, size)
 
     def _exchange(

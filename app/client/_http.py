@@ -61,13 +61,18 @@ class Call:
     content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     raw: bool = False
+    held_s: float = 0
+    """How long the server may hold the request before it answers (a waiting result)."""
 
     @property
     def idempotent(self) -> bool:
         return self.method in ("GET", "HEAD", "DELETE")
 
-    def request_kwargs(self) -> dict[str, Any]:
+    def request_kwargs(self, timeout: httpx.Timeout) -> dict[str, Any]:
+        """``httpx`` arguments; ``timeout`` is the client's, a held request's read longer."""
         kwargs: dict[str, Any] = {"method": self.method, "url": self.path}
+        if self.held_s and timeout.read is not None:
+            kwargs["timeout"] = stream_timeout(timeout, timeout.read + self.held_s)
         if self.params:
             kwargs["params"] = self.params
         if self.json is not None:
@@ -141,8 +146,13 @@ def cancel_call(job_id: str) -> Call:
     return Call("DELETE", f"/v1/jobs/{job_id}")
 
 
-def result_call(job_id: str) -> Call:
-    return Call("GET", f"/v1/jobs/{job_id}/result", raw=True)
+def result_call(job_id: str, wait_s: float = 0) -> Call:
+    """The result file; with ``wait_s``, the server answers once the job has ended, or
+    after that long (409 if it has not succeeded by then)."""
+    path = f"/v1/jobs/{job_id}/result"
+    if not wait_s:
+        return Call("GET", path, raw=True)
+    return Call("GET", path, params={"wait": f"{wait_s:.3f}"}, raw=True, held_s=wait_s)
 
 
 def models_call() -> Call:

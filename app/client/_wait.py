@@ -24,6 +24,11 @@ STREAM_READ_TIMEOUT_S = 30.0
 MAX_STREAM_FAILURES = 3
 POLL_FIRST_S = 0.25
 POLL_MAX_S = 2.0
+RESULT_WAIT_S = 300.0
+"""The longest a waiting result request asks the server to hold it (the server takes up to
+an hour), so that a proxy that cuts idle requests seldom sees one."""
+PROGRESS_KINDS = frozenset({"chg", "cchg", "ablate"})
+"""The kinds whose jobs report progress."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,41 @@ def job_failure(doc: dict[str, Any]) -> JobFailed | None:
     cls = JobCancelled if status == "cancelled" else JobFailed
     message = error.get("message") or ("cancelled" if status == "cancelled" else "no message")
     return cls(doc["id"], status, error.get("type"), message)
+
+
+def follows_events(kind: str, show: bool, callback: ProgressCallback | None) -> bool:
+    """Whether a wait for a result follows the job's event stream (it has progress to show
+    or report); otherwise the result request itself waits for the job, which is one
+    request instead of three."""
+    return callback is not None or (show and kind in PROGRESS_KINDS)
+
+
+class ResultWait:
+    """A wait done by result requests that the server holds until the job ends: how long
+    the next one may be held, and what a 409 (not succeeded) means."""
+
+    def __init__(self, doc: dict[str, Any], timeout: float | None) -> None:
+        self.doc = doc
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+
+    def next_wait_s(self) -> float:
+        """Seconds the next request may be held; raises ``WaitTimeout`` once none are left."""
+        if self._deadline is None:
+            return RESULT_WAIT_S
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise WaitTimeout(
+                f"job {self.doc['id']} still {self.doc['status']} after {self._timeout:g} s"
+            )
+        return min(remaining, RESULT_WAIT_S)
+
+    def not_succeeded(self, doc: dict[str, Any]) -> None:
+        """The job's document after a 409: raises its failure if it has ended."""
+        self.doc = doc
+        failure = job_failure(doc)
+        if failure is not None:
+            raise failure
 
 
 class ProgressReporter:

@@ -16,7 +16,15 @@ from app.client._body import BodySink
 from app.client._http import Call, ClientConfig, DatasetSource, RetryPolicy, ServerEvent
 from app.client._kinds import JobSpec, method_like
 from app.client._tensors import TensorBackend
-from app.client._wait import ProgressCallback, ProgressReporter, Waiter, job_failure
+from app.client._wait import (
+    FINAL_STATUSES,
+    ProgressCallback,
+    ProgressReporter,
+    ResultWait,
+    Waiter,
+    follows_events,
+    job_failure,
+)
 from app.client.errors import Conflict, LensError
 from app.client.results import (
     AblateResult,
@@ -61,8 +69,8 @@ class _AsyncTransport:
 
     async def _send(self, call: Call, into: Path | None) -> httpx.Response | bytearray | Path:
         if not call.raw:
-            return await self._http.request(**call.request_kwargs())
-        async with self._http.stream(**call.request_kwargs()) as response:
+            return await self._http.request(**call.request_kwargs(self._http.timeout))
+        async with self._http.stream(**call.request_kwargs(self._http.timeout)) as response:
             if response.status_code != 200:
                 await response.aread()
                 return response
@@ -270,12 +278,25 @@ class AsyncJob(_kinds.JobView):
         progress: bool | None,
         on_progress: ProgressCallback | None,
     ) -> Any:
-        if self.document["status"] != "succeeded":
+        show = self.client.config.progress if progress is None else progress
+        if self.document["status"] not in FINAL_STATUSES:
+            if not follows_events(self.kind, show, on_progress):
+                return await self._held_result(into, timeout)
             await self.wait(timeout, progress=progress, on_progress=on_progress)
         failure = job_failure(self.document)
         if failure is not None:
             raise failure
         return await self.client._transport.call(_http.result_call(self.id), into)
+
+    async def _held_result(self, into: Path | None, timeout: float | None) -> Any:
+        """The result from requests that the server holds until the job ends."""
+        waiting = ResultWait(self.document, timeout)
+        while True:
+            held = _http.result_call(self.id, waiting.next_wait_s())
+            try:
+                return await self.client._transport.call(held, into)
+            except Conflict:
+                waiting.not_succeeded(await self.refresh())
 
     async def cancel(self) -> str:
         """Cancel the job; returns its status after the request (an ended job keeps its own)."""

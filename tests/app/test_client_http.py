@@ -341,3 +341,103 @@ def test_async_client_has_the_same_behaviour():
     scores = asyncio.run(main())
     assert isinstance(scores, ScoreResult) and scores.final_token_logits().shape == (1, 6)
     assert [p.step for p in seen] == [1, 2]
+
+
+RESULT = f"/v1/jobs/{JOB}/result"
+
+
+def test_a_result_with_no_progress_to_show_is_one_held_request():
+    """A score job reports no progress: after the submission, one result request that the
+    server holds until the job ends; no event stream, no job document."""
+    script = Script(
+        {
+            ("POST", "/v1/jobs"): httpx.Response(202, json=doc("queued")),
+            ("GET", RESULT): httpx.Response(200, content=score_file()),
+        }
+    )
+    scores = client(script, progress=True, timeout=20).model("demo").score("a b")
+    assert isinstance(scores, ScoreResult) and scores.logits.shape == (1, 2, 6)
+    assert [(r.method, r.url.path) for r in script.requests] == [
+        ("POST", "/v1/jobs"),
+        ("GET", RESULT),
+    ]
+    held = script.requests[1]
+    assert held.url.params["wait"] == "300.000"
+    assert held.extensions["timeout"]["read"] == 20 + 300  # the client's own, plus the hold
+
+
+def test_a_held_result_of_a_job_that_failed_raises_its_error():
+    script = Script(
+        {
+            ("GET", f"/v1/jobs/{JOB}"): [
+                httpx.Response(200, json=doc("running")),
+                httpx.Response(
+                    200, json=doc("failed", error={"type": "OutOfMemory", "message": "too big"})
+                ),
+            ],
+            ("GET", RESULT): httpx.Response(409, json={"detail": "job is failed"}),
+        }
+    )
+    with pytest.raises(JobFailed, match="too big") as caught:
+        client(script).job(JOB).result()
+    assert caught.value.error_type == "OutOfMemory"
+
+
+def test_held_results_ask_again_until_the_callers_timeout(tmp_path):
+    """A 409 while the job still runs (the server's hold ran out) means ask again, for no
+    longer than the caller's timeout in all."""
+    script = Script(
+        {
+            ("GET", f"/v1/jobs/{JOB}"): httpx.Response(200, json=doc("running")),
+            ("GET", RESULT): httpx.Response(409, json={"detail": "still running"}),
+        }
+    )
+    job = client(script).job(JOB)
+    with pytest.raises(WaitTimeout, match=r"still running after 0\.3 s"):
+        job.download(tmp_path / "r.safetensors", timeout=0.3)
+    holds = [float(r.url.params["wait"]) for r in script.requests if r.url.path == RESULT]
+    assert len(holds) >= 2 and all(0 <= h <= 0.3 for h in holds)
+    assert holds == sorted(holds, reverse=True)
+
+
+def test_a_job_with_progress_to_show_is_followed_on_its_event_stream():
+    script = Script(
+        {
+            ("POST", "/v1/jobs"): httpx.Response(202, json={**doc("queued"), "kind": "chg"}),
+            ("GET", f"/v1/jobs/{JOB}"): httpx.Response(200, json={**doc("queued"), "kind": "chg"}),
+            ("GET", f"/v1/jobs/{JOB}/events"): progress_stream(),
+            ("GET", RESULT): httpx.Response(200, content=score_file()),
+        }
+    )
+    job = client(script, progress=True).submit("chg", "demo", texts="x", targets="y")
+    job.result()
+    assert script.count("GET", f"/v1/jobs/{JOB}/events") == 1
+    assert "wait" not in script.requests[-1].url.params
+
+
+def test_the_async_client_holds_result_requests_too():
+    script = Script(
+        {
+            ("POST", "/v1/jobs"): httpx.Response(202, json=doc("queued")),
+            ("GET", RESULT): [
+                httpx.Response(409, json={"detail": "still running"}),
+                httpx.Response(200, content=score_file()),
+            ],
+            ("GET", f"/v1/jobs/{JOB}"): httpx.Response(200, json=doc("running")),
+        }
+    )
+
+    async def main():
+        async with AsyncLensClient(
+            "http://lens.test", retry=FAST, tensors="numpy", transport=httpx.MockTransport(script)
+        ) as lens:
+            return await lens.model("demo").score("a b")
+
+    assert isinstance(asyncio.run(main()), ScoreResult)
+    assert [(r.method, r.url.path) for r in script.requests] == [
+        ("POST", "/v1/jobs"),
+        ("GET", RESULT),
+        ("GET", f"/v1/jobs/{JOB}"),
+        ("GET", RESULT),
+    ]
+    assert all("wait" in r.url.params for r in script.requests if r.url.path == RESULT)

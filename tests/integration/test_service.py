@@ -244,3 +244,18 @@ def test_the_event_streams_final_document_is_the_jobs_document(http: httpx.Clien
     streamed = wait(http, doc["id"])
     assert streamed["status"] == "succeeded" and streamed["tensors"]
     assert streamed == http.get(f"/v1/jobs/{doc['id']}").json()
+
+
+def test_a_waiting_result_request_gets_the_result_the_event_stream_announces(
+    http: httpx.Client,
+) -> None:
+    """Submit, then one request that waits for the job (no event stream): the same file
+    as waiting on the stream and downloading after."""
+    waited_for = submit(http, kind="score", texts=TEXTS)
+    r = http.get(f"/v1/jobs/{waited_for['id']}/result", params={"wait": 60})
+    assert r.status_code == 200, r.text
+    followed = submit(http, kind="score", texts=TEXTS)
+    assert wait(http, followed["id"])["status"] == "succeeded"
+    got, expected = load(r.content), result(http, followed["id"])
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[name], expected[name]) for name in got)

@@ -37,6 +37,7 @@ from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SSE_KEEPALIVE_S = 10.0
+MAX_RESULT_WAIT_S = 3600
 RETRY_AFTER_S = 10
 log = logging.getLogger(__name__)
 
@@ -175,14 +176,32 @@ _RESULT_RESPONSES: dict[int | str, dict[str, object]] = {
 # the two operations get distinct OpenAPI ids.
 @router.head("/{job_id}/result", response_class=FileResponse, responses=_RESULT_RESPONSES)
 @router.get("/{job_id}/result", response_class=FileResponse, responses=_RESULT_RESPONSES)
-async def get_result(record: OwnedJobDep, blobs: BlobsDep) -> Response:
+async def get_result(
+    record: OwnedJobDep,
+    request: Request,
+    blobs: BlobsDep,
+    aconn: AsyncRedisDep,
+    hub: EventsDep,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_RESULT_WAIT_S,
+            description="Seconds to wait for the job to end before answering: the result "
+            "comes as soon as the job succeeds, in one request (409 if it has not by then).",
+        ),
+    ] = 0,
+) -> Response:
     """The result as one safetensors file, streamed from disk a chunk at a time (``HEAD``:
     its headers alone)."""
     doc = record.document
+    if wait and not doc.status.is_final:
+        ended = await _ended(doc.id, aconn, hub, request, wait)
+        if ended is None:  # the client went away: nobody reads the answer
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
+        doc = ended
     if doc.status is not JobStatus.SUCCEEDED:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"job {doc.id} is {doc.status}, not succeeded"
-        )
+        raise HTTPException(status.HTTP_409_CONFLICT, _not_succeeded(doc, wait))
     path = blobs.path(doc.id)
     try:
         info = path.stat()
@@ -192,6 +211,60 @@ async def get_result(record: OwnedJobDep, blobs: BlobsDep) -> Response:
         ) from None
     name = f"{doc.kind}-{doc.id}.safetensors"
     return ResultFile(path, stat_result=info, media_type="application/octet-stream", filename=name)
+
+
+def _not_succeeded(doc: JobDocument, waited_s: float) -> str:
+    if doc.error is not None:
+        return f"job {doc.id} is {doc.status}, not succeeded: {doc.error.type}: {doc.error.message}"
+    after = f" after waiting {waited_s:g} s" if waited_s and not doc.status.is_final else ""
+    return f"job {doc.id} is {doc.status}, not succeeded{after}"
+
+
+async def _ended(
+    job_id: str, aconn: redis.asyncio.Redis, hub: EventHub, request: Request, wait_s: float
+) -> JobDocument | None:
+    """The job's document once it has ended, or as it is after ``wait_s``; ``None`` if the
+    client disconnects first (a wait can be long: it must not outlive its caller). Blocks
+    on the job's events, as a stream does: the result goes out as soon as the job ends."""
+    async with hub.subscription(job_id) as inbox:
+        ended = asyncio.ensure_future(_until_final(job_id, aconn, inbox))
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            await asyncio.wait({ended, gone}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            gone.cancel()
+        if ended.done() and not ended.cancelled():
+            return ended.result()  # its error, if it failed, as it is
+        if gone.done() and not gone.cancelled():
+            return None
+    record = await JobStore.get_async(aconn, job_id)  # waited in vain: the job as it is now
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return record.document
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_final(
+    job_id: str, aconn: redis.asyncio.Redis, inbox: asyncio.Queue[bytes]
+) -> JobDocument:
+    """Read after subscribing, so no event falls between the read and the wait."""
+    record = await JobStore.get_async(aconn, job_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    doc = record.document
+    while not doc.status.is_final:
+        data = await inbox.get()
+        if data == LOST:
+            raise redis.ConnectionError("the job event subscription was lost")
+        event = json.loads(data)
+        if event["event"] == "status" and "record" in event:
+            doc = JobStore.document_of(event["record"])
+    return doc
 
 
 @router.delete("/{job_id}", response_model=JobDocument, status_code=status.HTTP_202_ACCEPTED)
