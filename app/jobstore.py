@@ -427,12 +427,13 @@ class JobStore:
         keys = [job_key(job_id), events_channel(job_id)]
         return bool(self._progress(keys=keys, args=[progress.model_dump_json(), event]))
 
-    def active_count(self, owner: str, quota: int | None = None) -> int:
+    def active_count(self, owner: str, quota: int | None = None, size: int | None = None) -> int:
         """The owner's queued and running jobs. Every end of a job leaves the set in the
-        same script, so its size is the count (one SCARD); once it reaches ``quota``,
-        where a refusal is at stake, the set is checked against the records and pruned
-        of jobs that vanished without ending."""
-        size = cast(int, self.redis.scard(active_set(owner)))
+        same script, so its size is the count (one SCARD, or ``size`` if the caller has
+        read it); once it reaches ``quota``, where a refusal is at stake, the set is
+        checked against the records and pruned of jobs that vanished without ending."""
+        if size is None:
+            size = cast(int, self.redis.scard(active_set(owner)))
         if quota is None or size < quota:
             return size
         ids = [i.decode() for i in cast("set[bytes]", self.redis.smembers(active_set(owner)))]

@@ -68,7 +68,7 @@ def submitting_key(model: str, kind: str) -> str:
 
 
 class Submission:
-    """A submission of ``kind`` for ``model``, counted as in flight from :meth:`open` until
+    """A submission of ``kind`` for ``model``, counted as in flight from :meth:`open_with` until
     it is queued (:meth:`done_with`, in the queueing transaction) or given up
     (:meth:`abandon`), so that a worker about to run a batchable job knows companions are
     on their way. The count goes down as the job lands: a worker that takes the job must
@@ -78,11 +78,14 @@ class Submission:
     def __init__(self, model: str, kind: str) -> None:
         self._key, self._open = submitting_key(model, kind), False
 
-    async def open(self, connection: redis.asyncio.Redis) -> None:
-        pipe = connection.pipeline(transaction=False)
-        pipe.incr(self._key)
-        pipe.expire(self._key, SUBMITTING_TTL_S)
-        await pipe.execute()
+    def open_with(self, pipeline: redis.asyncio.client.Pipeline) -> None:
+        """Count the submission in flight as part of ``pipeline`` (call :meth:`opened` once
+        it ran)."""
+        pipeline.incr(self._key)
+        pipeline.expire(self._key, SUBMITTING_TTL_S)
+
+    def opened(self) -> None:
+        """The pipeline given to :meth:`open_with` ran: the count is up."""
         self._open = True
 
     def done_with(self, pipeline: redis.client.Pipeline) -> None:
@@ -165,9 +168,3 @@ def publish_model_info(connection: redis.Redis, name: str, info: dict[str, Any])
 def model_infos(connection: redis.Redis) -> dict[str, dict[str, Any]]:
     infos = cast("dict[bytes, bytes]", connection.hgetall(MODELS_KEY))
     return {k.decode(): json.loads(v) for k, v in infos.items()}
-
-
-def model_info(connection: redis.Redis, name: str) -> dict[str, Any] | None:
-    """What a worker published of ``name`` (one field: a submission needs one model's)."""
-    info = cast("bytes | None", connection.hget(MODELS_KEY, name))
-    return None if info is None else cast("dict[str, Any]", json.loads(info))

@@ -120,8 +120,8 @@ def run_job(job_id: str) -> None:
         leader = _prepare(lm, job)
         _check_tokens(rt, lm, job, leader)
         if leader is not None:
-            _await_submissions(rt, doc, leader)
-            _run_shared(rt, lm, [_Member(doc, leader), *_claim(rt, lm, doc, leader)])
+            head = _await_submissions(rt, doc, leader)
+            _run_shared(rt, lm, [_Member(doc, leader), *_claim(rt, lm, doc, leader, head)])
             return
         ctx = JobContext(
             job_id=job_id,
@@ -169,18 +169,25 @@ def _check_tokens(
     limits.check_tokens(job, lm.tokenizer, rt.limits, rt.dataset_dir, counted)
 
 
-def _await_submissions(rt: Runtime, doc: JobDocument, leader: batcher.Prepared) -> None:
+def _await_submissions(
+    rt: Runtime, doc: JobDocument, leader: batcher.Prepared
+) -> list[bytes] | None:
     """While the API is taking jobs of ``doc``'s kind for its model (a burst), wait until
     no such submission has been in flight for ``SUBMISSIONS_QUIET_S``, or for the model's
     ``batch_wait_ms`` at most: the burst then shares this pass instead of the next ones.
     A lone job, or one user's jobs one after another, finds nothing in flight and starts
-    at once."""
+    at once. The first check reads the head of the queue too, and returns it if nothing
+    was in flight: it is then the claim's first scan."""
     spec = rt.registry.specs[doc.model]
     conn = rt.store.redis
-    if batcher.is_full([leader], spec.max_batch_tokens) or not queue.submissions_in_flight(
-        conn, doc.model, doc.kind
-    ):
-        return
+    if batcher.is_full([leader], spec.max_batch_tokens):
+        return None
+    pipe = conn.pipeline(transaction=False)
+    pipe.get(queue.submitting_key(doc.model, doc.kind))
+    pipe.lrange(queue.queue_key(doc.model), 0, CLAIM_SCAN - 1)
+    in_flight, head = pipe.execute()
+    if not int(in_flight or 0):
+        return cast("list[bytes]", head)
     deadline, quiet_since = time.monotonic() + spec.batch_wait_ms / 1000, None
     while time.monotonic() < deadline:
         time.sleep(SUBMISSION_POLL_S)
@@ -190,16 +197,21 @@ def _await_submissions(rt: Runtime, doc: JobDocument, leader: batcher.Prepared) 
         elif quiet_since is None:
             quiet_since = now
         elif now - quiet_since >= SUBMISSIONS_QUIET_S:
-            return
+            return None
+    return None
 
 
 def _claim(
-    rt: Runtime, lm: LoadedModel, doc: JobDocument, leader: batcher.Prepared
+    rt: Runtime,
+    lm: LoadedModel,
+    doc: JobDocument,
+    leader: batcher.Prepared,
+    head: list[bytes] | None,
 ) -> list[_Member]:
     """Take queued jobs of ``doc``'s kind and model that fit the model's token budget,
     scanning the queue again while each scan finds new jobs (a burst still landing).
     Each scan reads its candidates' records in one round trip and takes the ones that
-    fit in another."""
+    fit in another; ``head``, if given, is the first scan's read of the queue."""
     budget = rt.registry.specs[doc.model].max_batch_tokens
     chosen = [leader]
     conn = rt.store.redis
@@ -207,7 +219,12 @@ def _claim(
     seen: set[str] = set()
     members: list[_Member] = []
     while not batcher.is_full(chosen, budget):
-        queued = cast("list[bytes]", conn.lrange(queue_key, 0, CLAIM_SCAN - 1))
+        queued = (
+            head
+            if head is not None
+            else cast("list[bytes]", conn.lrange(queue_key, 0, CLAIM_SCAN - 1))
+        )
+        head = None
         ids = [i for i in (q.decode() for q in queued) if i not in seen]
         if not ids:
             break

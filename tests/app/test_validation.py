@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio.connection
+import redis.connection
 
 from app import queue
 from app.core.redis_server import RedisServer
@@ -56,3 +58,32 @@ def test_parameters_are_checked_against_the_models_shape(
     assert layer.status_code == 422 and "layers" in layer.text
     assert target.status_code == 422 and "[87] are not token ids" in target.text
     assert target.json()["detail"][0]["loc"] == ["body", "gradients", "target_ids"]
+
+
+def test_a_submission_reads_and_queues_in_two_round_trips(
+    redis_server: RedisServer,
+    redis_conn: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counting it in flight, the model's shape and the quota in one round trip (asyncio);
+    the record and the queue in a second (in the thread pool). A job waits on each one
+    before it can start. A refused submission's count goes down again."""
+    queue.publish_model_info(redis_conn, "m", {"name": "m", "source": "/nowhere", "vocab_size": 87})
+    sent: list[str] = []
+    for connection in (redis.connection.Connection, redis.asyncio.connection.Connection):
+        original = connection.send_packed_command
+
+        def counting(self, command, *args, _original=original, _name=connection.__module__, **kw):
+            sent.append(_name.split(".")[1])
+            return _original(self, command, *args, **kw)
+
+        monkeypatch.setattr(connection, "send_packed_command", counting)
+    with api_client(redis_server, tmp_path, keys=[]) as client:
+        job = '{"kind": "score", "model": "m", "texts": "a", "top_k": 87}'
+        _post(client, job)  # the first opens its connections and RQ reads Redis's version
+        sent.clear()
+        accepted = _post(client, job)
+        refused = _post(client, '{"kind": "score", "model": "m", "texts": "a", "top_k": 88}')
+        assert accepted.status_code == 202 and refused.status_code == 422
+    assert sent == ["asyncio", "connection", "asyncio", "asyncio"], sent

@@ -39,8 +39,10 @@ def encode_texts(
     """Tokenise ``texts`` into one right-padded batch; too long a text is an error naming it."""
     if isinstance(texts, str) or not texts:
         raise InvalidParameter(field, "must be a non-empty list of texts")
-    enc = tokenizer(list(texts), padding=True, return_tensors="pt", padding_side="right")
-    mask = enc["attention_mask"]
+    # numpy, then shared with torch: torch.tensor() of the nested lists took a third of
+    # the call (8 texts × 64 tokens: 1.4–1.6 ms against 1.1–1.2 ms)
+    enc = tokenizer(list(texts), padding=True, return_tensors="np", padding_side="right")
+    mask = torch.from_numpy(enc["attention_mask"]).long()  # no copy: int64 already
     lengths = mask.sum(dim=1).tolist()
     empty = [i for i, n in enumerate(lengths) if n == 0]
     if empty:
@@ -51,7 +53,8 @@ def encode_texts(
             raise ContextTooLong(
                 field, f"texts {too_long} exceed the model's context of {max_context} tokens"
             )
-    return TextBatch(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device))
+    input_ids = torch.from_numpy(enc["input_ids"]).long()
+    return TextBatch(input_ids=input_ids.to(device), attention_mask=mask.to(device))
 
 
 _DECODED: WeakKeyDictionary[PreTrainedTokenizerBase, dict[int, str]] = WeakKeyDictionary()

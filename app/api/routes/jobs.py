@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 import redis
@@ -30,7 +31,7 @@ from app.api.result_file import ResultFile
 from app.api.routes.datasets import dataset_record
 from app.core.config import Settings
 from app.events import LOST, EventHub
-from app.jobstore import JobRecord, JobStore
+from app.jobstore import JobRecord, JobStore, active_set
 from app.maintenance import dataset_key
 from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 
@@ -70,13 +71,29 @@ async def submit_job(
             f"model {job.model!r} is not served here; served: {sorted(settings.models)}",
         )
     submission = queue.Submission(job.model, job.kind)
-    await submission.open(aconn)
+    # One round trip counts the submission in flight and reads what its checks need.
+    pipe = aconn.pipeline(transaction=False)
+    submission.open_with(pipe)
+    pipe.hget(queue.MODELS_KEY, job.model)
+    pipe.scard(active_set(owner))
+    *_, shape, active = await pipe.execute()
+    submission.opened()
+    read = _Read(model_shape=shape, active_jobs=active)
     try:
         return await run_in_threadpool(
-            _queue_job, job, request, owner, settings, store, conn, submission
+            _queue_job, job, request, owner, settings, store, conn, submission, read
         )
     finally:
         await submission.abandon(aconn)  # a no-op once queued
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What a submission read on its way in: the model's shape as its worker published it
+    (JSON; None before any worker has), and the number of the caller's active jobs."""
+
+    model_shape: bytes | None
+    active_jobs: int
 
 
 def _queue_job(
@@ -87,11 +104,11 @@ def _queue_job(
     store: JobStore,
     conn: redis.Redis,
     submission: queue.Submission,
+    read: _Read,
 ) -> JobDocument:
     validation.check_limits(job, settings.limits)
-    info = queue.model_info(conn, job.model)
-    if info is not None:
-        validation.check_shape(job, ModelInfo.model_validate(info))
+    if read.model_shape is not None:
+        validation.check_shape(job, ModelInfo.model_validate_json(read.model_shape))
     validation.check_source_job(job, owner, store)
     for field, dataset_id in validation.dataset_fields(job).items():
         found = dataset_record(conn, dataset_id)
@@ -102,7 +119,7 @@ def _queue_job(
         validation.check_dataset_rows(field, found[1], settings.limits)
         conn.expire(dataset_key(dataset_id), settings.result_ttl_s)
     cap = settings.limits.max_active_jobs_per_key
-    active = store.active_count(owner, quota=cap)
+    active = store.active_count(owner, quota=cap, size=read.active_jobs)
     if active >= cap:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
