@@ -208,6 +208,7 @@ def run_worker(
     name = name or default_worker_name()
     names = served_models(settings, name, models)
     hf_logging.disable_progress_bar()
+    os.nice(settings.worker_nice)
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     conn = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
@@ -246,6 +247,7 @@ def run_worker(
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "torch_threads": torch.get_num_threads(),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "since": since,
             "loads": dict(registry.load_counts),
             "load_seconds": dict(registry.load_seconds),

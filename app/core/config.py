@@ -160,6 +160,15 @@ class Settings(BaseSettings):
         description="CPU threads each worker gives torch (default: torch's choice, one per "
         "core); set cores ÷ workers when several workers share a host.",
     )
+    worker_nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="How far below the API's a worker's CPU priority is (a Unix nice "
+        "increment): the API and Redis answer every client, a worker's compute can wait a "
+        "moment for them when both want a core. 0: the API's priority (e.g. where other "
+        "users' processes compete with workers for the CPUs).",
+    )
     max_resident_bytes: int | None = Field(
         None, ge=1, description="Parameter bytes a worker keeps loaded; LRU models evicted beyond."
     )

@@ -33,6 +33,7 @@ def settings(
         data_dir=tmp_path,
         models={"demo": ModelSpec(source=str(demo_model_dir))},
         limits=LIMITS,
+        worker_nice=0,  # its worker runs in this process (drain): leave pytest's priority
     )
 
 

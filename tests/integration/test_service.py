@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,8 @@ def test_two_jobs_load_the_model_once(http: httpx.Client, service: Stack) -> Non
     workers = queue.live_workers(conn)
     assert workers and all(w["loads"] == {DEMO: 1} for w in workers.values())
     assert all(w["torch_threads"] == 1 for w in workers.values()), "the torch_threads setting"
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + service.settings.worker_nice)
+    assert service.settings.worker_nice > 0 and all(w["nice"] == nice for w in workers.values())
 
 
 def test_unknown_model_is_404(http: httpx.Client) -> None:
