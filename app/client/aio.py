@@ -11,20 +11,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
 
-from app.client import _http, _kinds
+from app.client import _http, _kinds, _wait
 from app.client._body import BodySink
 from app.client._http import Call, ClientConfig, DatasetSource, RetryPolicy, ServerEvent
 from app.client._kinds import JobSpec, method_like
 from app.client._tensors import TensorBackend
-from app.client._wait import (
-    FINAL_STATUSES,
-    ProgressCallback,
-    ProgressReporter,
-    ResultWait,
-    Waiter,
-    follows_events,
-    job_failure,
-)
+from app.client._wait import ProgressCallback, ProgressReporter, Waiter, job_failure
 from app.client.errors import Conflict, LensError
 from app.client.results import (
     AblateResult,
@@ -279,8 +271,8 @@ class AsyncJob(_kinds.JobView):
         on_progress: ProgressCallback | None,
     ) -> Any:
         show = self.client.config.progress if progress is None else progress
-        if self.document["status"] not in FINAL_STATUSES:
-            if not follows_events(self.kind, show, on_progress):
+        if self.document["status"] not in _wait.FINAL_STATUSES:
+            if not _wait.follows_events(self.kind, show, on_progress):
                 return await self._held_result(into, timeout)
             await self.wait(timeout, progress=progress, on_progress=on_progress)
         failure = job_failure(self.document)
@@ -290,7 +282,7 @@ class AsyncJob(_kinds.JobView):
 
     async def _held_result(self, into: Path | None, timeout: float | None) -> Any:
         """The result from requests that the server holds until the job ends."""
-        waiting = ResultWait(self.document, timeout)
+        waiting = _wait.ResultWait(self.document, timeout)
         while True:
             held = _http.result_call(self.id, waiting.next_wait_s())
             try:
