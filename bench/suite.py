@@ -38,6 +38,7 @@ import redis
 import torch
 
 from app import queue
+from app.api.routes.jobs import MAX_RESULT_WAIT_S
 from app.blobstore import BlobStore, BlobTensor, blob_metadata
 from app.core.config import Limits, ModelSpec, Settings
 from app.core.redis_server import free_port
@@ -106,7 +107,8 @@ def main() -> None:
         f"{str(lm.dtype).removeprefix('torch.')} on {lm.device}",
         "service": "app.stack.Stack: its own Redis, 1 worker, the API (uvicorn), on this machine",
         "client": "http.client, one kept-alive connection per thread: POST /v1/jobs, then "
-        "stream GET /v1/jobs/{id}/result?wait=3600 (it answers when the job ends); one row "
+        f"stream GET /v1/jobs/{{id}}/result?wait={MAX_RESULT_WAIT_S} (it answers when the job "
+        "ends); one row "
         "waits on GET /v1/jobs/{id}/events (SSE) and downloads after",
         "results stored in": f"{args.results_dir or 'the data directory, under /tmp'} "
         f"({_filesystem(args.results_dir or Path(tempfile.gettempdir()))})",

@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import redis
 import redis.asyncio
@@ -266,6 +266,14 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
+def _message(data: bytes) -> dict[str, Any]:
+    """A message of a job's channel, as its inbox hands it over (a lost subscription
+    raises: events published meanwhile would be missed)."""
+    if data == LOST:
+        raise redis.ConnectionError("the job event subscription was lost")
+    return cast("dict[str, Any]", json.loads(data))
+
+
 async def _until_final(
     job_id: str, aconn: redis.asyncio.Redis, inbox: asyncio.Queue[bytes]
 ) -> JobDocument:
@@ -275,10 +283,7 @@ async def _until_final(
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     doc = record.document
     while not doc.status.is_final:
-        data = await inbox.get()
-        if data == LOST:
-            raise redis.ConnectionError("the job event subscription was lost")
-        event = json.loads(data)
+        event = _message(await inbox.get())
         if event["event"] == "status" and "record" in event:
             doc = JobStore.document_of(event["record"])
     return doc
@@ -359,9 +364,7 @@ async def _events(
             yield ": keep-alive\n\n"
             continue
         while True:
-            if data == LOST:
-                raise redis.ConnectionError("the job event subscription was lost")
-            event = json.loads(data)
+            event = _message(data)
             if event.pop("event") == "progress":
                 yield _sse("progress", json.dumps(event))
             elif "record" in event and event["status"] != JobStatus.QUEUED:
