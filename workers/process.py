@@ -46,6 +46,7 @@ from app.maintenance import Reaper, settle
 from app.schemas import JobError
 from workers import limits, tasks
 from workers.lens.loading import LoadedModel
+from workers.malloc import keep_freed_memory
 from workers.registry import ModelRegistry, describe
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ def run_worker(
     names = served_models(settings, name, models)
     hf_logging.disable_progress_bar()
     os.nice(settings.worker_nice)
+    keeps_freed = keep_freed_memory(settings.worker_keep_freed_mib)
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     conn = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
@@ -248,6 +250,7 @@ def run_worker(
             "host": socket.gethostname(),
             "torch_threads": torch.get_num_threads(),
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "keeps_freed_mib": settings.worker_keep_freed_mib if keeps_freed else 0,
             "since": since,
             "loads": dict(registry.load_counts),
             "load_seconds": dict(registry.load_seconds),

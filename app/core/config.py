@@ -169,6 +169,14 @@ class Settings(BaseSettings):
         "moment for them when both want a core. 0: the API's priority (e.g. where other "
         "users' processes compete with workers for the CPUs).",
     )
+    worker_keep_freed_mib: int = Field(
+        1024,
+        ge=0,
+        le=2047,
+        description="Memory a worker's jobs free that it keeps for the next jobs, in MiB, "
+        "instead of giving it back to the kernel and faulting it in again (glibc only). "
+        "The worker's resident memory then stays near its peak; 0: glibc's defaults.",
+    )
     max_resident_bytes: int | None = Field(
         None, ge=1, description="Parameter bytes a worker keeps loaded; LRU models evicted beyond."
     )

@@ -33,7 +33,9 @@ def settings(
         data_dir=tmp_path,
         models={"demo": ModelSpec(source=str(demo_model_dir))},
         limits=LIMITS,
-        worker_nice=0,  # its worker runs in this process (drain): leave pytest's priority
+        # its worker runs in this process (drain): leave pytest's priority and malloc alone
+        worker_nice=0,
+        worker_keep_freed_mib=0,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,8 @@ def test_two_jobs_load_the_model_once(http: httpx.Client, service: Stack) -> Non
     assert all(w["torch_threads"] == 1 for w in workers.values()), "the torch_threads setting"
     nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + service.settings.worker_nice)
     assert service.settings.worker_nice > 0 and all(w["nice"] == nice for w in workers.values())
+    keep = service.settings.worker_keep_freed_mib if platform.libc_ver()[0] == "glibc" else 0
+    assert all(w["keeps_freed_mib"] == keep for w in workers.values()), "worker_keep_freed_mib"
 
 
 def test_unknown_model_is_404(http: httpx.Client) -> None:
