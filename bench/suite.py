@@ -125,7 +125,7 @@ def _run_sections(
 ) -> list[Row]:
     sections: list[tuple[str, Callable[[], list[Row]]]] = [
         ("latency", lambda: small_job_latency(client, lm)),
-        ("overhead", lambda: overhead(client, lm, 3 * args.repeats)),
+        ("overhead", lambda: overhead(client, lm, 6 * args.repeats)),
         ("storage", lambda: result_writes(stack.settings.blob_dir, OVERHEAD_RESULT_BYTES)),
         ("throughput", lambda: throughput(client, stack, lm, args.repeats)),
         ("chg", lambda: chg_vs_seed(args.no_seed)),
@@ -166,8 +166,8 @@ def overhead(client: BenchClient, lm: LoadedModel, repeats: int) -> list[Row]:
     its full logits (a 17 MB result), with the final token's only (0.3 MB), and with full
     logits again but waited for on the event stream and downloaded after (two requests
     more, what a client showing progress does). A pair takes a third of a second, and
-    single ratios range over ±15 % on a shared VM, so the median is over three times
-    ``--repeats`` pairs."""
+    single ratios range over ±15 % on a shared VM (a median of 15 moved by ±0.05 from run
+    to run), so the median is over six times ``--repeats`` pairs."""
     texts = texts_of_length(lm.tokenizer, 8, 64, seed=1)
     enc = lm.tokenizer(texts, padding=True, return_tensors="pt").to(lm.device)
     full_body = {"kind": "score", "model": BATCHED, "texts": texts}
