@@ -104,7 +104,13 @@ class Submission:
 
 
 def submissions_in_flight(connection: redis.Redis, model: str, kind: str) -> int:
-    return int(cast(bytes | None, connection.get(submitting_key(model, kind))) or 0)
+    return in_flight_count(cast(bytes | None, connection.get(submitting_key(model, kind))))
+
+
+def in_flight_count(raw: bytes | None) -> int:
+    """The count of submissions in flight from a ``GET`` of :func:`submitting_key` (a
+    pipeline's reply, say); no key is none in flight."""
+    return int(raw or 0)
 
 
 def queue_positions(connection: redis.Redis, jobs: list[tuple[str, str]]) -> list[int | None]:

@@ -186,7 +186,7 @@ def _await_submissions(
     pipe.get(queue.submitting_key(doc.model, doc.kind))
     pipe.lrange(queue.queue_key(doc.model), 0, CLAIM_SCAN - 1)
     in_flight, head = pipe.execute()
-    if not int(in_flight or 0):
+    if not queue.in_flight_count(in_flight):
         return cast("list[bytes]", head)
     deadline, quiet_since = time.monotonic() + spec.batch_wait_ms / 1000, None
     while time.monotonic() < deadline:
