@@ -17,8 +17,8 @@ import os
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-MAX_KEEP_MIB = 2047
-"""``mallopt`` takes a C ``int`` of bytes."""
+MAX_KEEP_MIB = (2**31 - 1) >> 20
+"""2047: ``mallopt`` takes a C ``int`` of bytes (app.core.config bounds the setting alike)."""
 
 
 def keep_freed_memory(keep_mib: int) -> bool:
