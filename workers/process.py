@@ -151,6 +151,13 @@ class LensWorker(SimpleWorker):
         with job_context(job.id):
             super().execute_job(job, queue)
 
+    def subscribe(self) -> None:
+        """No RQ control channel: lens cancels and stops jobs through its job store, never
+        through RQ's pub/sub commands. RQ's listener thread also made stopping slow: RQ's
+        teardown joins it, and once it has read the reply to the unsubscribe it may start a
+        60 s wait for a subscription, so a worker whose job ended inside the shutdown grace
+        sat in its teardown until the supervisor killed it, never logging ``stopped``."""
+
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         """RQ's heartbeat, its three commands in one round trip: RQ sends them one by one
         when not given a pipeline, twice around every job (one of them between taking a
