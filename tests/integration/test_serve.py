@@ -1,10 +1,11 @@
-"""``lens serve`` as a real process: a model that cannot be loaded stops it with the reason
-in one line (exit status 1, no traceback); a worker that dies later is started again."""
+"""``lens serve`` as a real process: with no model it can load, it stops with the reason in
+one line (exit status 1, no traceback); a worker that dies later is started again."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,11 +44,10 @@ def test_a_model_that_cannot_load_stops_serve_with_the_workers_reason(tmp_path: 
     )  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
-    error = done.stderr.strip().splitlines()
-    assert error[0].startswith("error: worker-0 exited with code 1: ")
-    reason = f"cannot load model demo from {missing}: FileNotFoundError: no such directory"
-    assert reason in error[0]
-    assert error[-1] == f"(its whole log: {tmp_path / 'data' / 'logs' / 'worker-0.log'})"
+    (error,) = done.stderr.strip().splitlines()
+    reason = f"cannot load it from {missing}: FileNotFoundError: no such directory"
+    assert error.startswith(f"error: model demo cannot be served: {reason}")
+    assert error.endswith(f"(no model left to serve; the logs: {tmp_path / 'data' / 'logs'})")
 
 
 def test_a_worker_that_dies_is_started_again_and_jobs_go_on(
@@ -92,12 +92,14 @@ def test_a_child_that_keeps_exiting_is_not_started_again_for_ever(
 ) -> None:
     settings = service_settings(tmp_path, {DEMO: tmp_path / "missing"})
     stack = Stack(settings.model_copy(update={"redis_url": redis_server.url}))
-    stack.spawn_worker("worker-0")
     reports: list[str] = []
-    try:
-        with pytest.raises(ChildExited, match="it keeps exiting"):
-            stack.supervise(reports.append, poll_s=0.1)
-    finally:
-        stack.stop()
+    with socket.create_server(("127.0.0.1", settings.port)):  # the API's port, taken
+        stack.start_api()
+        try:
+            with pytest.raises(ChildExited, match="it keeps exiting"):
+                stack.supervise(reports.append, poll_s=0.1)
+        finally:
+            stack.stop()
     assert len(reports) == MAX_QUICK_EXITS - 1
-    assert all("cannot load model demo" in r and "starting worker-0 again" in r for r in reports)
+    taken = f"cannot listen on 127.0.0.1:{settings.port}: Address already in use"
+    assert all(taken in r and "starting api again" in r for r in reports), reports
