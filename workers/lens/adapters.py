@@ -438,7 +438,7 @@ class _FeedForward(nn.Module):
 
 
 def _opt_decoder_layer_forward(
-    self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+    self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
 ) -> torch.Tensor:
     """transformers' ``OPTDecoderLayer.forward``, with its MLP called as ``self.mlp`` on
     [batch, seq, hidden] (OPT's own flattens the tokens first), so that the MLP's input and
@@ -475,8 +475,8 @@ def _opt_mlp_as_module(model: PreTrainedModel) -> None:
     ids = torch.arange(1, min(5, int(model.config.vocab_size)), device=model.device)[None]
     with torch.inference_mode():
         before = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    originals = []
-    for layer in layers:
+    originals: list[tuple[Any, nn.Module, nn.Module]] = []
+    for layer in cast(list[Any], list(layers)):
         originals.append((layer, layer.fc1, layer.fc2))
         layer.mlp = _FeedForward(layer.fc1, layer.activation_fn, layer.fc2)
         del layer.fc1, layer.fc2
