@@ -103,3 +103,89 @@ def test_a_child_that_keeps_exiting_is_not_started_again_for_ever(
     assert len(reports) == MAX_QUICK_EXITS - 1
     taken = f"cannot listen on 127.0.0.1:{settings.port}: Address already in use"
     assert all(taken in r and "starting api again" in r for r in reports), reports
+
+
+def test_a_port_another_server_holds_stops_serve_with_one_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        port = other.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "app.cli.main", "serve", "--model", f"demo={tmp_path}",
+                "--port", str(port), "--data-dir", str(tmp_path / "data"),
+            ],
+            env=_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_serve_restarts_its_redis_and_nothing_outlives_it(
+    tmp_path: Path, demo_model_dir: Path
+) -> None:
+    """Its Redis killed: started again, on the same port, with the same password, and jobs
+    go on. ``lens serve`` killed (SIGKILL, no chance to stop anything): every child ends,
+    Redis included. Its password is never printed."""
+    port, out, err = free_port(), tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        serve = subprocess.Popen(
+            [
+                sys.executable, "-m", "app.cli.main", "serve",
+                "--model", f"{DEMO}={demo_model_dir}",
+                "--port", str(port), "--data-dir", str(tmp_path / "data"),
+            ],
+            env=_env(), stdout=stdout, stderr=stderr,
+        )  # fmt: skip
+    try:
+        _until(lambda: "lens-server ready" in out.read_text(), 120, "ready line")
+        (redis_pid,) = [p for p in _children(serve.pid) if "redis-server" in _cmdline(p)]
+        os.kill(redis_pid, signal.SIGKILL)
+        _until(lambda: "starting redis again" in err.read_text(), 30, "restart of redis")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            job = http.post("/v1/jobs", json={"kind": "score", "model": DEMO, "texts": ["a b"]})
+            assert job.status_code == 202, job.text
+            url = f"/v1/jobs/{job.json()['id']}"
+            _until(lambda: http.get(url).json()["status"] in ("succeeded", "failed"), 60, "end")
+            assert http.get(url).json()["status"] == "succeeded", http.get(url).text
+        children = _children(serve.pid)
+        assert any("redis-server" in _cmdline(p) for p in children)
+        serve.kill()
+        serve.wait(10)
+        _until(lambda: not [p for p in children if _alive(p)], 60, "end of every child")
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    password = (tmp_path / "data" / "redis" / "password").read_text().strip()
+    printed = out.read_text() + err.read_text()
+    assert password not in printed and "redis://:***@127.0.0.1" in printed
