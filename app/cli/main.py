@@ -98,14 +98,14 @@ def _is_ip(host: str) -> bool:
 def _logging(component: str, settings: Settings) -> None:
     """Structured lines (key=value or JSON) on stderr; API keys and the Redis password are
     masked if they appear."""
-    from app.core.redis_server import url_password
+    from app.core.redis_server import url_secrets
     from app.logs import configure_logging
 
     configure_logging(
         component,
         fmt=settings.log_format,
         level=settings.log_level,
-        secrets=[*settings.key_values(), url_password(settings.redis_url) or ""],
+        secrets=[*settings.key_values(), *url_secrets(settings.redis_url)],
     )
 
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, cast
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis
 
@@ -91,9 +91,10 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def url_password(url: str) -> str | None:
-    """The password in a Redis URL, if any (to mask it in logs)."""
-    return urlsplit(url).password
+def url_secrets(url: str) -> list[str]:
+    """The password in a Redis URL, as written there and decoded: what logs must mask."""
+    password = urlsplit(url).password
+    return sorted({password, unquote(password)}) if password else []
 
 
 @dataclass
