@@ -123,15 +123,20 @@ class _Shutdown:
     def __init__(self, settings: Settings, name: str, store: JobStore) -> None:
         self.settings, self.worker, self.store = settings, name, store
         self.requested = False
+        self._begun = threading.Event()
+        # Started now, not from the signal handler: starting a thread there could wait
+        # for a lock the interrupted main thread holds.
+        threading.Thread(target=self._end_of_grace, name="lens-shutdown", daemon=True).start()
 
     def begin(self) -> None:
         """Start the grace period (once): when it ends, whatever still runs is stopped."""
-        if self.requested:
-            return
         self.requested = True
-        timer = threading.Timer(self.settings.shutdown_grace_s, self.stop_jobs)
-        timer.daemon = True
-        timer.start()
+        self._begun.set()
+
+    def _end_of_grace(self) -> None:
+        self._begun.wait()
+        time.sleep(self.settings.shutdown_grace_s)
+        self.stop_jobs()
 
     def stop_jobs(self) -> None:
         """Settle every job this worker holds, then stop them at their next step."""
