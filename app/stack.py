@@ -221,7 +221,10 @@ class Stack:
                 if quick["redis"] >= MAX_QUICK_EXITS:
                     raise ChildExited(f"{exited}\nit keeps exiting: stopping")
                 report(f"{exited}\nstarting redis again, on port {self.redis.port}")
-                self.redis = self._start_redis(self.redis.port)
+                try:
+                    self.redis = self._start_redis(self.redis.port)
+                except RuntimeError as exc:
+                    raise ChildExited(f"{exited}\nit cannot start again: {exc}") from None
             for name, proc in self._children():
                 if proc.poll() is None:
                     continue

@@ -179,11 +179,11 @@ class LensWorker(SimpleWorker):
     def _refuse(self, job: Job, queue: Queue, reason: ForeignJob) -> None:
         """Log a foreign job and delete it (RQ's record and its place in the queue's
         intermediate list); nothing of it is imported or run."""
-        log.error("refused RQ job %s from queue %s: %s", job.id, queue.name, reason)
         with self.connection.pipeline() as pipe:
             pipe.lrem(queue.intermediate_queue_key, 0, job.id)
             pipe.delete(job.key)
             pipe.execute()
+        log.error("refused RQ job %s from queue %s (deleted): %s", job.id, queue.name, reason)
 
     def subscribe(self) -> None:
         """No RQ control channel: lens cancels and stops jobs through its job store, never

@@ -104,7 +104,7 @@ def test_a_worker_runs_nothing_but_lens_jobs(
     )
     log = stack.settings.data_dir / "logs" / "worker-0.log"
     for job, why in ((foreign, "function 'os.system' is not"), (hooked, "names callbacks")):
-        line = f"refused RQ job {job.id} from queue {rq_queue.name}: "
+        line = f"refused RQ job {job.id} from queue {rq_queue.name} (deleted): "
         _until(lambda line=line: line in log.read_text(), 30, f"refusal of {job.id}")
         assert why in log.read_text().split(line, 1)[1].splitlines()[0]
         assert not conn.exists(job.key)
