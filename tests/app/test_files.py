@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from app.core.config import Settings
 from app.core.redis_server import PASSWORD_FILE, redacted, stored_password, url_secrets
 from app.logs import RotatingFile
 
@@ -52,3 +53,14 @@ def test_a_log_file_rotates_at_its_size_and_keeps_so_many(tmp_path: Path) -> Non
 def test_a_rotating_file_needs_a_size() -> None:
     with pytest.raises(ValueError, match="max_bytes"):
         RotatingFile(Path("/nonexistent/x.log"), max_bytes=0, keep=1)
+
+
+def test_a_password_file_completes_the_redis_url(tmp_path: Path) -> None:
+    secret = tmp_path / "redis_password"
+    secret.write_text("p@ss/word\n")
+    settings = Settings(redis_url="redis://redis:6379/0", redis_password_file=secret)
+    assert settings.redis_url == "redis://:p%40ss%2Fword@redis:6379/0"
+    assert url_secrets(settings.redis_url) == ["p%40ss%2Fword", "p@ss/word"]
+    assert "LENS_REDIS_PASSWORD_FILE" not in settings.environment()
+    given = Settings(redis_url="redis://:other@redis:6379/0", redis_password_file=secret)
+    assert given.redis_url == "redis://:other@redis:6379/0", "a URL's own password wins"

@@ -71,6 +71,7 @@ def test_every_service_is_confined(name: str) -> None:
     assert service["read_only"] is True
     assert "no-new-privileges:true" in service["security_opt"]
     assert service["deploy"]["resources"]["limits"]["memory"]
+    assert service["logging"]["options"]["max-size"], "logs rotate"
 
 
 def test_the_api() -> None:
