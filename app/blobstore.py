@@ -82,7 +82,8 @@ class BlobStore:
         """Write the job's safetensors file: to a temporary file beside the final one,
         then renamed, so a reader sees the whole file or none."""
         final = self.path(job_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkstemp's file is 0600, and stays so once renamed: results are their key's alone.
         fd, temp = tempfile.mkstemp(prefix=f".{job_id}.", suffix=".tmp", dir=final.parent)
         try:
             with open(fd, "wb") as f:

@@ -28,6 +28,7 @@ LOST = b""
 clients reconnect), as events published before it is back would be missed."""
 RECONNECT_S = 1.0
 READY_TIMEOUT_S = 2.0
+STOP_RETRY_S = 0.2
 _CHANNELS = events_channel("*")
 _PREFIX = events_channel("")
 
@@ -45,10 +46,13 @@ class EventHub:
         self._task = asyncio.create_task(self._run(), name="event-hub")
 
     async def stop(self) -> None:
+        """Cancel the subscription loop, again while it runs: cancelled as it connects
+        (an API stopped right after it started), it can hang closing the half-open
+        connection, and a second cancel ends that."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=STOP_RETRY_S)
 
     @asynccontextmanager
     async def subscription(self, job_id: str) -> AsyncIterator[asyncio.Queue[bytes]]:

@@ -4,18 +4,27 @@ logged while a job is being handled.
 The job id travels in a context variable: the worker sets it around each job, the API
 around each request that names a job, so library code (RQ, transformers, ours) needs no
 change to be attributed. Secrets never reach the output: a filter masks the API keys
-the process knows, wherever they appear in a message.
+and the Redis password the process knows, wherever they appear in a message.
+
+Under ``lens serve`` each child's output (ours, and whatever a library or the
+interpreter prints) goes through a pipe to the supervisor, which appends it to the
+child's file, 0600, rotated when it reaches a size: the logs of a long-lived server
+never fill the disk.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
 
 job_id_var: ContextVar[str | None] = ContextVar("lens_job_id", default=None)
 MASK = "***"
@@ -98,3 +107,57 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class RotatingFile:
+    """Bytes appended to ``path`` (0600); once it holds ``max_bytes``, it becomes
+    ``path.1`` (``path.1`` becomes ``path.2``, …) and a new file starts; ``keep`` old
+    files are kept, the oldest dropped."""
+
+    def __init__(self, path: Path, max_bytes: int, keep: int) -> None:
+        if max_bytes < 1 or keep < 0:
+            raise ValueError(f"max_bytes must be ≥ 1 and keep ≥ 0, got {max_bytes}, {keep}")
+        self.path, self.max_bytes, self.keep = path, max_bytes, keep
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        return fd
+
+    def write(self, data: bytes) -> None:
+        if os.fstat(self._fd).st_size + len(data) > self.max_bytes:
+            self._rotate()
+        os.write(self._fd, data)
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        for i in range(self.keep, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i}"))
+        if self.keep == 0:
+            self.path.unlink(missing_ok=True)
+        self._fd = self._open()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def drain(stream: IO[bytes], sink: RotatingFile) -> threading.Thread:
+    """A thread that copies ``stream`` (a child's output) into ``sink`` line by line until
+    the child closes it; a failed write (disk full) drops the line, never stops the child."""
+
+    def run() -> None:
+        try:
+            for line in stream:
+                with suppress(OSError):
+                    sink.write(line)
+        finally:
+            stream.close()
+            sink.close()
+
+    thread = threading.Thread(target=run, name=f"log:{sink.path.name}", daemon=True)
+    thread.start()
+    return thread

@@ -15,11 +15,13 @@ import redis
 import redis.asyncio
 from fastapi import FastAPI, HTTPException, status
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import errors
+from app.api.edge import LocalhostGuard, SecurityHeaders, is_loopback
 from app.api.routes import dashboard, datasets, health, jobs, metrics, models
 from app.blobstore import BlobStore
 from app.core.config import Limits, Settings, get_settings
@@ -210,7 +212,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await housekeeping
         conn.close()
 
-    app = FastAPI(
+    # /docs and /redoc from assets the fastapi-offline package ships: a lab server may
+    # have no internet, and the docs page would otherwise load Swagger UI from a CDN.
+    app: FastAPI = FastAPIOffline(
         title="lens-server",
         version=__version__,
         summary="Interpretability analyses (CHG, tracing, scoring, attribution), models resident.",
@@ -218,9 +222,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     # Plain ASGI middleware (not BaseHTTPMiddleware, which copies every chunk of a
-    # streamed result through extra streams). Added last runs first: access log outermost.
+    # streamed result through extra streams). Added last runs first: access log outermost,
+    # then the security headers (on every answer, refusals included), then the localhost
+    # guard (no keys: see app.api.edge).
     app.add_middleware(BodyLimit, limits=settings.limits)
     app.add_middleware(VersionGuard)
+    if not settings.key_values():
+        app.add_middleware(LocalhostGuard, check_host=is_loopback(settings.host))
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(AccessLog)
 
     for module in (jobs, models, datasets, health, metrics, dashboard):

@@ -421,6 +421,12 @@ class ModelInfo(BaseModel):
     queue_depth: int = 0
     running: int = 0
     worker_alive: bool = False
+    status: Literal["ready", "failed", "waiting"] = Field(
+        "waiting",
+        description="ready: a live worker serves it; failed: no live worker could load it "
+        "(see error; its jobs get 503); waiting: no live worker has loaded it yet.",
+    )
+    error: str | None = Field(None, description="Why the model could not be loaded.")
 
 
 class ModelList(BaseModel):

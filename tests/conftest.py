@@ -21,6 +21,11 @@ from app.main import create_app
 from app.stack import Stack
 
 DEMO = "demo"
+LOCAL = "http://localhost"
+"""Where in-process test clients say they send requests: without keys, the API answers
+only requests addressed to this machine."""
+JSONL = {"Content-Type": "application/x-ndjson"}
+"""A data set upload's type: without keys, a body must declare one the API accepts."""
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +107,7 @@ def api_client(
         api_keys=keys,
         **overrides,
     )
-    with TestClient(create_app(settings), headers=headers) as client:
+    with TestClient(create_app(settings), base_url=LOCAL, headers=headers) as client:
         yield client
 
 

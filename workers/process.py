@@ -13,6 +13,11 @@ Lifecycle guarantees:
   A second signal stops at once, settling the job the same way first.
 - Redis outage: RQ's loop retries, or gives up; the worker then waits for Redis and
   starts a new loop, so it never has to be restarted by hand.
+- A model that cannot load: the worker says why (its log, its heartbeat, and the
+  model's entry that the API reads at submission: 503) and serves its other models; with
+  none left it stays up, reporting, until stopped.
+- Only lens's job function runs (:mod:`workers.rq_guard`): a foreign RQ job in a queue
+  is logged, deleted, and never imported.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import redis
 import torch
@@ -45,9 +51,9 @@ from app.logs import job_context
 from app.maintenance import Reaper, settle
 from app.schemas import JobError
 from workers import limits, tasks
-from workers.lens.loading import LoadedModel
 from workers.malloc import keep_freed_memory
 from workers.registry import ModelRegistry, describe
+from workers.rq_guard import ForeignJob, LensJob
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +84,26 @@ class _Heartbeat(threading.Thread):
     """Reports this worker alive and settles the jobs of workers that stopped reporting."""
 
     def __init__(
-        self, settings: Settings, name: str, info: Callable[[], dict[str, Any]], store: JobStore
+        self,
+        settings: Settings,
+        name: str,
+        info: Callable[[], dict[str, Any]],
+        store: JobStore,
+        shapes: dict[str, dict[str, Any]],
     ) -> None:
         super().__init__(name="lens-heartbeat", daemon=True)
         self.settings, self.worker, self.info, self.store = settings, name, info, store
+        self.shapes = shapes
         self.reap = Reaper(store, settings)
         self.stopped = threading.Event()
 
     def beat(self) -> None:
-        queue.heartbeat(
-            self.store.redis, self.worker, self.info(), ttl_s=self.settings.worker_ttl_s
-        )
+        conn = self.store.redis
+        queue.heartbeat(conn, self.worker, self.info(), ttl_s=self.settings.worker_ttl_s)
+        published = queue.model_infos(conn)
+        for model, shape in self.shapes.items():
+            if "error" in published.get(model, {}):
+                queue.publish_model_info(conn, model, shape)
         self.reap()
 
     def run(self) -> None:
@@ -108,15 +123,20 @@ class _Shutdown:
     def __init__(self, settings: Settings, name: str, store: JobStore) -> None:
         self.settings, self.worker, self.store = settings, name, store
         self.requested = False
+        self._begun = threading.Event()
+        # Started now, not from the signal handler: starting a thread there could wait
+        # for a lock the interrupted main thread holds.
+        threading.Thread(target=self._end_of_grace, name="lens-shutdown", daemon=True).start()
 
     def begin(self) -> None:
         """Start the grace period (once): when it ends, whatever still runs is stopped."""
-        if self.requested:
-            return
         self.requested = True
-        timer = threading.Timer(self.settings.shutdown_grace_s, self.stop_jobs)
-        timer.daemon = True
-        timer.start()
+        self._begun.set()
+
+    def _end_of_grace(self) -> None:
+        self._begun.wait()
+        time.sleep(self.settings.shutdown_grace_s)
+        self.stop_jobs()
 
     def stop_jobs(self) -> None:
         """Settle every job this worker holds, then stop them at their next step."""
@@ -149,7 +169,28 @@ class LensWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         with job_context(job.id):
+            try:
+                cast(LensJob, job).check()
+            except ForeignJob as exc:
+                self._refuse(job, queue, exc)
+                return
             super().execute_job(job, queue)
+
+    def _refuse(self, job: Job, queue: Queue, reason: ForeignJob) -> None:
+        """Log a foreign job and delete it (RQ's record and its place in the queue's
+        intermediate list); nothing of it is imported or run."""
+        with self.connection.pipeline() as pipe:
+            pipe.lrem(queue.intermediate_queue_key, 0, job.id)
+            pipe.delete(job.key)
+            pipe.execute()
+        log.error("refused RQ job %s from queue %s (deleted): %s", job.id, queue.name, reason)
+
+    def subscribe(self) -> None:
+        """No RQ control channel: lens cancels and stops jobs through its job store, never
+        through RQ's pub/sub commands. RQ's listener thread also made stopping slow: RQ's
+        teardown joins it, and once it has read the reply to the unsubscribe it may start a
+        60 s wait for a subscription, so a worker whose job ended inside the shutdown grace
+        sat in its teardown until the supervisor killed it, never logging ``stopped``."""
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         """RQ's heartbeat, its three commands in one round trip: RQ sends them one by one
@@ -224,8 +265,11 @@ def run_worker(
         max_models=settings.max_resident_models,
         offload_dir=settings.data_dir / "offload",
     )
-    for model in names:
-        queue.publish_model_info(conn, model, describe(model, _load_at_start(registry, model)))
+    shapes, failed = _load_at_start(registry, names)
+    for model, shape in shapes.items():
+        queue.publish_model_info(conn, model, shape)
+    _publish_failures(conn, registry, failed)
+    serving = [m for m in names if m in shapes]
     limits.apply_memory_limits(settings, list(registry.loaded.values()))
     tasks.install(
         tasks.Runtime(
@@ -244,7 +288,8 @@ def run_worker(
         loaded = dict(registry.loaded)
         return {
             **tasks.stats(),
-            "models": names,
+            "models": serving,
+            "failed": failed,
             "resident": sorted(loaded),
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -257,13 +302,17 @@ def run_worker(
             "gpus": _gpu_memory({d for lm in loaded.values() for d in lm.devices}),
         }
 
-    heartbeat = _Heartbeat(settings, name, info, store)
+    heartbeat = _Heartbeat(settings, name, info, store, shapes)
     heartbeat.beat()
     heartbeat.start()
     shutdown = _Shutdown(settings, name, store)
-    log.info("worker %s ready: models %s", name, names)
+    log.info("worker %s ready: models %s", name, serving)
     try:
-        _work(conn, settings, name, names, shutdown, burst=burst)
+        if serving:
+            _work(conn, settings, name, serving, shutdown, burst=burst)
+        elif not burst:
+            log.error("worker %s has no model it can serve; waiting to be stopped", name)
+            _wait_for_stop()
     finally:
         heartbeat.stopped.set()
         with contextlib.suppress(redis.RedisError):
@@ -271,16 +320,46 @@ def run_worker(
         log.info("worker %s stopped", name)
 
 
-def _load_at_start(registry: ModelRegistry, name: str) -> LoadedModel:
-    """The model, or the worker exits (1) after one log line that names it and says why
-    (the traceback at debug level): the supervisor shows an operator that line."""
-    try:
-        return registry.get(name)
-    except Exception as exc:
+def _load_at_start(
+    registry: ModelRegistry, names: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Each model's shape (what GET /v1/models reports), and for each that cannot load, why:
+    one log line that names it (the traceback at debug level)."""
+    shapes: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for name in names:
         source = registry.specs[name].source
-        log.debug("loading model %s failed", name, exc_info=True)
-        log.error("cannot load model %s from %s: %s: %s", name, source, type(exc).__name__, exc)
-        raise SystemExit(1) from None
+        try:
+            shapes[name] = describe(name, registry.get(name))
+        except Exception as exc:
+            failed[name] = f"cannot load it from {source}: {type(exc).__name__}: {exc}"
+            log.debug("loading model %s failed", name, exc_info=True)
+            log.error("cannot load model %s from %s: %s: %s", name, source, type(exc).__name__, exc)
+    return shapes, failed
+
+
+def _publish_failures(conn: redis.Redis, registry: ModelRegistry, failed: dict[str, str]) -> None:
+    """Mark each failed model so that the API refuses its jobs (503, with the reason),
+    unless a live worker serves it: that worker clears the mark at its next beat anyway."""
+    if not failed:
+        return
+    served = {m for info in queue.live_workers(conn).values() for m in info.get("models", [])}
+    for model, reason in failed.items():
+        if model not in served:
+            queue.publish_model_info(
+                conn,
+                model,
+                {"name": model, "source": registry.specs[model].source, "error": reason},
+            )
+
+
+def _wait_for_stop() -> None:
+    """Block until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
 
 
 def _restarted_error(job: RunningJob) -> JobError:
@@ -305,10 +384,19 @@ def _work(
     while True:
         rounds += 1
         worker = LensWorker(
-            [queue.model_queue(conn, m) for m in models],
+            [
+                Queue(
+                    queue.queue_name(m),
+                    connection=conn,
+                    serializer=JSONSerializer,
+                    job_class=LensJob,
+                )
+                for m in models
+            ],
             name=f"{name}.{os.getpid()}.{rounds}",
             connection=conn,
             serializer=JSONSerializer,
+            job_class=LensJob,
             shutdown=shutdown,
         )
         try:

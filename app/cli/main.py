@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,15 +96,37 @@ def _is_ip(host: str) -> bool:
 
 
 def _logging(component: str, settings: Settings) -> None:
-    """Structured lines (key=value or JSON) on stderr; API keys are masked if they appear."""
+    """Structured lines (key=value or JSON) on stderr; API keys and the Redis password are
+    masked if they appear."""
+    from app.core.redis_server import url_secrets
     from app.logs import configure_logging
 
     configure_logging(
         component,
         fmt=settings.log_format,
         level=settings.log_level,
-        secrets=settings.key_values(),
+        secrets=[*settings.key_values(), *url_secrets(settings.redis_url)],
     )
+
+
+PRIVATE_UMASK = 0o077
+"""Files the service makes (blobs, data sets, logs) are its user's alone: other Unix users
+on the host are not trusted."""
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound before anything starts: a port another server
+    holds stops the command with one line, instead of an API that never serves."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    return sock
 
 
 @app.command()
@@ -130,6 +153,8 @@ def serve(
     _check_exposure(settings, allow_unauthenticated)
     if not settings.models:
         raise typer.BadParameter("serve at least one model", param_hint="--model")
+    os.umask(PRIVATE_UMASK)
+    _listen(settings.host, settings.port).close()
     stack = Stack(settings)
     stopping = False
 
@@ -143,8 +168,8 @@ def serve(
     with _children_reported():
         try:
             stack.start(workers=workers, own_redis=redis_url is None)
-            typer.echo(f"starting: redis {stack.settings.redis_url}, {workers} worker(s)…")
-            stack.wait_ready(timeout=600)
+            typer.echo(f"starting: redis {stack.redis_display}, {workers} worker(s)…")
+            _report_failed(stack.wait_ready(timeout=600), settings)
             typer.echo(
                 f"lens-server ready at {stack.url} (API docs at {stack.url}/docs); Ctrl-C stops"
             )
@@ -153,6 +178,19 @@ def serve(
             typer.echo("stopping: API, then workers (finishing their jobs), then Redis…")
         finally:
             stack.stop()
+
+
+def _report_failed(failed: dict[str, str], settings: Settings) -> None:
+    """A model that cannot load is reported and the others are served; with none left, the
+    service stops (exit 1) with the reason."""
+    from app.stack import ChildExited
+
+    lines = [f"model {name} cannot be served: {reason}" for name, reason in sorted(failed.items())]
+    if failed and set(failed) >= set(settings.models):
+        logs = settings.data_dir / "logs"
+        raise ChildExited(f"{'; '.join(lines)} (no model left to serve; the logs: {logs})")
+    for line in lines:
+        typer.echo(f"warning: {line}", err=True)
 
 
 @contextmanager
@@ -189,11 +227,14 @@ def api(
         api_keys=api_keys,
     )  # fmt: skip
     _check_exposure(settings, allow_unauthenticated)
+    os.umask(PRIVATE_UMASK)
+    sock = _listen(settings.host, settings.port)
     _logging("api", settings)
-    uvicorn.run(
+    server_config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_config=None,
         access_log=False, timeout_graceful_shutdown=5,
     )  # fmt: skip
+    uvicorn.Server(server_config).run(sockets=[sock])
 
 
 @app.command()
@@ -218,6 +259,7 @@ def worker(
     from workers.process import run_worker
 
     settings = load_settings(config=config, models=model, redis_url=redis_url, data_dir=data_dir)
+    os.umask(PRIVATE_UMASK)
     _logging("worker", settings)
     run_worker(settings, serves, name, burst=burst)
 

@@ -8,6 +8,7 @@ import tomllib
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -112,6 +113,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LENS_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password_file: Path | None = Field(
+        None,
+        description="A file holding the Redis password (a compose secret, say), put into "
+        "redis_url; keeps the password out of the environment and off command lines.",
+    )
     data_dir: Path = DEFAULT_DATA_DIR
     results_dir: Path | None = Field(
         None,
@@ -185,6 +191,17 @@ class Settings(BaseSettings):
     )
     log_format: Literal["kv", "json"] = "kv"
     log_level: str = "INFO"
+    log_max_mib: int = Field(
+        16, ge=1, description="lens serve: a child's log file is rotated at this size."
+    )
+    log_files_kept: int = Field(
+        3, ge=0, description="lens serve: rotated log files kept per child (NAME.log.1, …)."
+    )
+    instance: str | None = Field(
+        None,
+        description="Set by lens serve for its API, which reports it in /healthz: the "
+        "supervisor then knows it reached its own API, not another server on the port.",
+    )
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("api_keys", mode="before")
@@ -203,6 +220,14 @@ class Settings(BaseSettings):
                     self.api_keys.append(SecretStr(key))
                     known.add(key)
             self.api_keys_file = None
+        if self.redis_password_file is not None:
+            password = self.redis_password_file.read_text().strip()
+            parts = urlsplit(self.redis_url)
+            if password and parts.password is None:
+                host = parts.netloc.rpartition("@")[2]
+                auth = f"{quote(parts.username or '', safe='')}:{quote(password, safe='')}@"
+                self.redis_url = urlunsplit(parts._replace(netloc=auth + host))
+            self.redis_password_file = None
         return self
 
     @classmethod
@@ -236,14 +261,16 @@ class Settings(BaseSettings):
         """The models the config assigns to the worker named ``worker``."""
         return sorted(name for name, spec in self.models.items() if spec.served_by(worker))
 
-    def environment(self) -> dict[str, str]:
-        """``LENS_*`` variables that give a child process these settings (keys included)."""
+    def environment(self, *, keys: bool = True) -> dict[str, str]:
+        """``LENS_*`` variables that give a child process these settings (the API keys only
+        with ``keys``: workers never need them)."""
         env: dict[str, str] = {}
         dumped = self.model_dump(mode="json", exclude={"api_keys", "api_keys_file"})
         for name, value in dumped.items():
             if value is not None:
                 env[f"LENS_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
-        env["LENS_API_KEYS"] = ",".join(self.key_values())
+        if keys:
+            env["LENS_API_KEYS"] = ",".join(self.key_values())
         return env
 
 

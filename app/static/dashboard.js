@@ -35,6 +35,8 @@
     for (const [name, value] of Object.entries(attrs)) {
       if (value === null || value === undefined || value === false) continue;
       if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+      // Through the CSSOM: the page's CSP refuses style attributes set as markup.
+      else if (name === "style") node.style.cssText = String(value);
       else node.setAttribute(name, value === true ? "" : String(value));
     }
     for (const child of children.flat()) {

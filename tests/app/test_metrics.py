@@ -21,6 +21,7 @@ from app.jobstore import DURATION_BUCKETS_S, JobStore
 from app.logs import configure_logging, job_context
 from app.main import create_app
 from app.schemas import JobStatus
+from tests.conftest import LOCAL
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -59,7 +60,7 @@ def test_metrics_read_jobs_queues_and_workers_from_redis(
         {"models": ["a"], "resident": ["a"], "load_seconds": {"a": 1.5}, "gpus": [gpu]},
         ttl_s=10,
     )
-    with TestClient(create_app(settings_for(redis_server.url, tmp_path))) as client:
+    with TestClient(create_app(settings_for(redis_server.url, tmp_path)), base_url=LOCAL) as client:
         r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     got = samples(r.text)
@@ -90,7 +91,7 @@ def test_metrics_read_jobs_queues_and_workers_from_redis(
 
 def test_metrics_say_when_redis_is_down(tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    with TestClient(create_app(settings_for(url, tmp_path))) as client:
+    with TestClient(create_app(settings_for(url, tmp_path)), base_url=LOCAL) as client:
         r = client.get("/metrics")
     assert r.status_code == 200
     assert samples(r.text) == {("lens_redis_up", ()): 0}

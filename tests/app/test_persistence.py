@@ -18,6 +18,7 @@ from app.jobstore import ANONYMOUS, JobStore, owner_index
 from app.main import create_app
 from app.maintenance import sweep
 from app.schemas import JobStatus
+from tests.conftest import JSONL, LOCAL
 
 
 def finished(store: JobStore, blobs: BlobStore, ttl_s: int) -> str:
@@ -66,9 +67,9 @@ def test_results_and_data_sets_expire_after_the_operator_ttl(
         sweep_interval_s=0.1,
     )
     store, blobs = JobStore(redis_conn), BlobStore(settings.blob_dir)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         row = json.dumps({"prompt": "a b", "target": " c"})
-        dataset = client.post("/v1/datasets?format=jsonl", content=row).json()["id"]
+        dataset = client.post("/v1/datasets", content=row, headers=JSONL).json()["id"]
         job_id = finished(store, blobs, ttl_s=settings.result_ttl_s)
         assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200
         assert (settings.dataset_dir / f"{dataset}.json").exists()

@@ -46,7 +46,32 @@ def test_redis_persists_append_only_and_reports_health() -> None:
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command
     assert mounts(redis)["/data"] in COMPOSE["volumes"]
-    assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+
+
+def test_redis_wants_the_secret_password_and_never_evicts() -> None:
+    redis = SERVICES["redis"]
+    script = redis["command"][-1]
+    assert "exec redis-server - " in script, "the config (the password) from stdin"
+    assert "requirepass $$(cat /run/secrets/redis_password)" in script
+    assert "--maxmemory-policy noeviction" in script and "--maxmemory " in script
+    assert redis["secrets"] == ["redis_password"] and "redis_password" in COMPOSE["secrets"]
+    assert "REDISCLI_AUTH=" in " ".join(redis["healthcheck"]["test"])
+    for name in ("api", *WORKERS):
+        assert environment(SERVICES[name])["LENS_REDIS_PASSWORD_FILE"] == (
+            "/run/secrets/redis_password"
+        )
+        assert "redis_password" in SERVICES[name]["secrets"]
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_every_service_is_confined(name: str) -> None:
+    service = SERVICES[name]
+    assert service["cap_drop"] == ["ALL"]
+    assert service["read_only"] is True
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert service["deploy"]["resources"]["limits"]["memory"]
+    assert service["logging"]["options"]["max-size"], "logs rotate"
 
 
 def test_the_api() -> None:
@@ -58,7 +83,8 @@ def test_the_api() -> None:
     assert env["LENS_REDIS_URL"].startswith("redis://redis:")
     assert "--host" in api["command"] and "0.0.0.0" in api["command"]
     assert env["LENS_API_KEYS_FILE"] == "/run/secrets/lens_api_keys", "keys, so it may listen"
-    assert api["secrets"] == ["lens_api_keys"] and "lens_api_keys" in COMPOSE["secrets"]
+    assert "lens_api_keys" in api["secrets"] and "lens_api_keys" in COMPOSE["secrets"]
+    assert not any("lens_api_keys" in w.get("secrets", []) for w in WORKERS.values())
     assert any(str(p).endswith(":8000") for p in api["ports"])
 
 

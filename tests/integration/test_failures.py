@@ -146,7 +146,7 @@ def test_out_of_memory_fails_the_job_and_the_worker_goes_on(
 
 def test_redis_outage_is_503_then_both_sides_recover(http: httpx.Client, stack: Stack) -> None:
     assert stack.redis is not None
-    port, files = stack.redis.port, stack.redis.data_dir
+    port, files, password = stack.redis.port, stack.redis.data_dir, stack.redis.password
     before = submit(http, kind="score", texts="one two")["id"]
     poll(http, before, final)
     stack.redis.stop()
@@ -164,7 +164,7 @@ def test_redis_outage_is_503_then_both_sides_recover(http: httpx.Client, stack: 
         assert metric(http, "lens_redis_up") == 0
         time.sleep(2 * HEARTBEAT_S)
     finally:
-        stack.redis = start_redis(files, port)
+        stack.redis = start_redis(files, port, password=password)
     back = time.monotonic()
     while http.get("/healthz").status_code != 200:
         assert time.monotonic() - back < 15, "the API did not reconnect"

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from app.core.config import Limits, ModelSpec, Settings
 from app.core.redis_server import RedisServer
 from app.main import create_app
+from tests.conftest import JSONL, LOCAL
 from workers.limits import LimitExceeded, check_result_size, is_out_of_memory, out_of_memory_message
 from workers.process import run_worker
 
@@ -41,7 +42,7 @@ def settings(
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url=LOCAL) as c:
         yield c
 
 
@@ -80,7 +81,7 @@ def test_token_and_result_limits_fail_the_job_by_name(
         json.dumps(r)
         for r in ({"prompt": short, "target": " cat"}, {"prompt": long_text, "target": " cat"})
     )
-    dataset = client.post("/v1/datasets?format=jsonl", content=rows).json()["id"]
+    dataset = client.post("/v1/datasets", content=rows, headers=JSONL).json()["id"]
     from_dataset = submit(client, kind="chg", dataset=dataset, num_updates=1, num_reg_updates=0)
     # 2 layers × 10 sites × [1, 7, 64] float32 alone is 2 × 10 × 1792 bytes > 20 000
     too_big = submit(client, kind="trace", texts=short)

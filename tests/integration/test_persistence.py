@@ -54,7 +54,7 @@ def last_line_time(log: Path, pattern: str) -> datetime:
 
 def test_a_restart_of_the_whole_stack_loses_nothing(tmp_path: Path, demo_model_dir: Path) -> None:
     settings = service_settings(tmp_path, {DEMO: demo_model_dir, "later": demo_model_dir})
-    settings = settings.model_copy(update={"shutdown_grace_s": GRACE_S})
+    settings = settings.model_copy(update={"shutdown_grace_s": GRACE_S, "torch_threads": 1})
     first = Stack(settings)
     try:
         first.start(workers=2, serves=[DEMO])
@@ -68,11 +68,11 @@ def test_a_restart_of_the_whole_stack_loses_nothing(tmp_path: Path, demo_model_d
                 http, kind="chg", **PAIRS, num_masks=1, batch_size=2, num_updates=5000
             )
             short_fit = submit(
-                http, kind="chg", **PAIRS, num_masks=1, batch_size=2, num_updates=30,
+                http, kind="chg", **PAIRS, num_masks=1, batch_size=2, num_updates=10,
                 num_reg_updates=0,
             )  # fmt: skip
             wait_for(http, long_fit, fitting)
-            wait_for(http, short_fit, fitting)
+            wait_for(http, short_fit, lambda doc: fitting(doc) or final(doc))
             listed = http.get("/v1/jobs").json()["jobs"]
     finally:
         workers = dict(first.workers)

@@ -18,7 +18,7 @@ from safetensors.torch import load
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.stack import Stack
-from tests.conftest import DEMO, service_settings
+from tests.conftest import DEMO, JSONL, service_settings
 
 TEXTS = ["red cat blue dog | red cat blue", "one two | one"]
 
@@ -199,10 +199,10 @@ def test_job_list_newest_first_and_filtered(http: httpx.Client) -> None:
 def test_dataset_upload(http: httpx.Client) -> None:
     rows = [{"prompt": "one two | one", "target": " two"}, {"prompt": "red | ", "target": "red"}]
     body = "\n".join(json.dumps(r) for r in rows)
-    r = http.post("/v1/datasets", params={"format": "jsonl"}, content=body)
+    r = http.post("/v1/datasets", content=body, headers=JSONL)
     assert r.status_code == 201, r.text
     assert r.json()["rows"] == 2
-    bad = http.post("/v1/datasets", params={"format": "jsonl"}, content='{"prompt": "x"}')
+    bad = http.post("/v1/datasets", content='{"prompt": "x"}', headers=JSONL)
     assert bad.status_code == 422
 
 

@@ -16,10 +16,11 @@ what each site means per block type.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -164,6 +165,8 @@ def adapt(model: PreTrainedModel) -> ModelAdapter:
     cls = type(model).__name__
     config = model.config.get_text_config()
     family = str(getattr(config, "model_type", cls))
+    if family == "opt":
+        _opt_mlp_as_module(model)
     owner, block_list = _find_blocks(model, config, cls)
     found: list[_Parts] = []
     for i, block in enumerate(block_list):
@@ -421,3 +424,75 @@ def _logit_transform(config: Any, family: str) -> LogitTransform:
         )
     cap = getattr(config, "final_logit_softcapping", None)
     return LogitTransform(multiplier, float(cap) if cap else None)
+
+
+class _FeedForward(nn.Module):
+    """OPT's MLP as one module: ``fc2(activation(fc1(x)))``."""
+
+    def __init__(self, fc1: nn.Module, activation: nn.Module, fc2: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.activation, self.fc2 = fc1, activation, fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.fc2(self.activation(self.fc1(x))))
+
+
+def _opt_decoder_layer_forward(
+    self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
+    """transformers' ``OPTDecoderLayer.forward``, with its MLP called as ``self.mlp`` on
+    [batch, seq, hidden] (OPT's own flattens the tokens first), so that the MLP's input and
+    output are a module's, like every other family's."""
+    training = self.training
+    pre_norm = self.do_layer_norm_before
+    residual = hidden_states
+    if pre_norm:
+        hidden_states = self.self_attn_layer_norm(hidden_states)
+    hidden_states = self.self_attn(hidden_states, *args, **kwargs)[0]
+    hidden_states = residual + nn.functional.dropout(hidden_states, self.dropout, training)
+    if not pre_norm:
+        hidden_states = self.self_attn_layer_norm(hidden_states)
+    residual = hidden_states
+    if pre_norm:
+        hidden_states = self.final_layer_norm(hidden_states)
+    hidden_states = residual + nn.functional.dropout(
+        self.mlp(hidden_states), self.dropout, training
+    )
+    if not pre_norm:
+        hidden_states = self.final_layer_norm(hidden_states)
+    return hidden_states
+
+
+def _opt_mlp_as_module(model: PreTrainedModel) -> None:
+    """OPT keeps its MLP as ``fc1``/``fc2`` in the decoder layer, called on the tokens
+    flattened to [tokens, hidden]: each layer gets an ``mlp`` module holding them and a
+    forward that calls it in place. The model's logits must stay exactly what they were."""
+    layers = _get(model, "model.decoder.layers")
+    if not isinstance(layers, nn.ModuleList) or not all(
+        isinstance(getattr(layer, "fc1", None), nn.Module) for layer in layers
+    ):
+        return
+    ids = torch.arange(1, min(5, int(model.config.vocab_size)), device=model.device)[None]
+    with torch.inference_mode():
+        before = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    originals: list[tuple[Any, nn.Module, nn.Module]] = []
+    for layer in cast(list[Any], list(layers)):
+        originals.append((layer, layer.fc1, layer.fc2))
+        layer.mlp = _FeedForward(layer.fc1, layer.activation_fn, layer.fc2)
+        del layer.fc1, layer.fc2
+        layer.forward = types.MethodType(_opt_decoder_layer_forward, layer)
+    try:
+        with torch.inference_mode():
+            after = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        same = after.shape == before.shape and torch.allclose(after, before, rtol=1e-4, atol=1e-5)
+    except Exception:
+        same = False
+    if not same:
+        for layer, fc1, fc2 in originals:
+            del layer.mlp, layer.forward
+            layer.fc1, layer.fc2 = fc1, fc2
+        raise ModelNotAdaptable(
+            f"{type(model).__name__}: its decoder layers, with their MLP as one module, no "
+            "longer compute what transformers' OPT layer does (a transformers version this "
+            "adapter does not know?)"
+        )

@@ -171,6 +171,16 @@ _CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "mpt",
         {"n_layers": 2, "d_model": 32, "n_heads": 4, "max_seq_len": 64, "expansion_ratio": 2},
     ),
+    "opt": (
+        "opt",
+        {
+            **_SMALL,
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 32,
+        },
+    ),
 }
 
 FAMILIES: list[str] = list(_CONFIGS)

@@ -108,7 +108,13 @@ def _queue_job(
 ) -> JobDocument:
     validation.check_limits(job, settings.limits)
     if read.model_shape is not None:
-        validation.check_shape(job, ModelInfo.model_validate_json(read.model_shape))
+        shape = ModelInfo.model_validate_json(read.model_shape)
+        if shape.error:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"model {job.model!r} cannot be served: {shape.error}",
+            )
+        validation.check_shape(job, shape)
     validation.check_source_job(job, owner, store)
     for field, dataset_id in validation.dataset_fields(job).items():
         found = dataset_record(conn, dataset_id)

@@ -23,18 +23,26 @@ def _model_info(
     workers: dict[str, dict[str, Any]],
     running: Counter[str],
 ) -> ModelInfo:
-    """Shape as the last worker that loaded it reported; liveness from current heartbeats."""
+    """Shape as the last worker that loaded it reported; liveness from current heartbeats.
+    Failed: no live worker serves it and one could not load it (or, with no live worker
+    at all, the last one to try could not)."""
     serving = [w for w, info in workers.items() if name in info.get("models", [])]
     holding = sorted(w for w in serving if name in workers[w].get("resident", []))
+    shape = reported.get(name, {})
+    reasons = [info["failed"][name] for info in workers.values() if name in info.get("failed", {})]
+    error = None if serving else (reasons[0] if reasons else shape.get("error"))
+    status = "ready" if serving else "failed" if error else "waiting"
     return ModelInfo.model_validate(
         {
-            **reported.get(name, {}),
+            **shape,
             "name": name,
             "source": source,
             "resident": holding,
             "queue_depth": queue.queue_depth(conn, name),
             "running": running.get(name, 0),
             "worker_alive": bool(serving),
+            "status": status,
+            "error": error,
         }
     )
 

@@ -120,17 +120,42 @@ def test_an_unknown_logit_transform_is_refused() -> None:
 
 
 def test_a_model_without_an_mlp_module_is_refused() -> None:
+    xglm = tiny(
+        "xglm",
+        vocab_size=64,
+        d_model=32,
+        num_layers=1,
+        attention_heads=4,
+        ffn_dim=32,
+        max_position_embeddings=16,
+    )
+    with pytest.raises(ModelNotAdaptable, match="cannot find the MLP in XGLMForCausalLM block 0"):
+        adapt(xglm)
+
+
+def test_opts_mlp_becomes_a_module_and_its_logits_do_not_change() -> None:
+    """OPT keeps fc1/fc2 in the decoder layer (called on flattened tokens): the adapter
+    gives each layer an ``mlp`` module, whose input is the normed post-attention residual."""
     opt = tiny(
         "opt",
         vocab_size=64,
         hidden_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=2,
         num_attention_heads=4,
-        ffn_dim=32,
+        ffn_dim=48,
         word_embed_proj_dim=32,
     )
-    with pytest.raises(ModelNotAdaptable, match="cannot find the MLP in OPTForCausalLM block 0"):
-        adapt(opt)
+    ids = torch.tensor([[2, 5, 7, 9, 11], [2, 3, 4, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        before = opt(input_ids=ids, attention_mask=mask).logits
+    a = adapt(opt)
+    with torch.no_grad():
+        after = opt(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    layer = opt.model.decoder.layers[0]
+    assert a.blocks[0].mlp is layer.mlp and a.blocks[0].post_attn_source is layer.final_layer_norm
+    assert a.blocks[0].kind is BlockKind.SEQUENTIAL
 
 
 def test_a_model_without_a_final_norm_is_refused() -> None:

@@ -28,6 +28,7 @@ BLOCKS = {
     **dict.fromkeys(["gpt2", "gptj", "falcon", "codegen", "gpt_bigcode", "bloom"], "transformer.h"),
     **dict.fromkeys(["gpt_neox", "gpt_neox_sequential"], "gpt_neox.layers"),
     "mpt": "transformer.blocks",
+    "opt": "model.decoder.layers",
 }
 O_PROJ = {
     **dict.fromkeys(["gpt2", "gpt_bigcode"], "attn.c_proj"),
@@ -35,6 +36,7 @@ O_PROJ = {
     **dict.fromkeys(["gpt_neox", "gpt_neox_sequential"], "attention.dense"),
     **dict.fromkeys(["falcon", "bloom"], "self_attention.dense"),
     "phi": "self_attn.dense",
+    "opt": "self_attn.out_proj",
 }
 PARALLEL = {"phi", "gpt_neox", "gptj", "codegen", "cohere", "falcon"}
 KV_HEADS = {"falcon": 1, "gpt_bigcode": 1}  # multi-query attention
