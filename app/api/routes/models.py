@@ -23,7 +23,8 @@ def _model_info(
     workers: dict[str, dict[str, Any]],
     running: Counter[str],
 ) -> ModelInfo:
-    """Shape as the last worker that loaded it reported; liveness from current heartbeats."""
+    """Shape as the last worker that loaded it reported; liveness and thread budgets from
+    current heartbeats."""
     serving = [w for w, info in workers.items() if name in info.get("models", [])]
     holding = sorted(w for w in serving if name in workers[w].get("resident", []))
     return ModelInfo.model_validate(
@@ -32,6 +33,9 @@ def _model_info(
             "name": name,
             "source": source,
             "resident": holding,
+            "worker_threads": {
+                w: workers[w]["worker_threads"] for w in serving if "worker_threads" in workers[w]
+            },
             "queue_depth": queue.queue_depth(conn, name),
             "running": running.get(name, 0),
             "worker_alive": bool(serving),
