@@ -45,12 +45,14 @@ def batchable(job: JobRequest) -> TypeGuard[BatchableJob]:
     return isinstance(job, ScoreJob) or (isinstance(job, TraceJob) and job.gradients is None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Prepared:
     """One job, validated and tokenised, ready to share a forward pass.
 
     ``batch`` is the job's own right-padded batch [rows, length] on the model's device;
     for a trace, ``index`` [rows, k] holds the kept positions (``None``: all of them).
+    Two are equal only if they are the same object: comparing fields would compare two
+    identical jobs' token tensors, which raises.
     """
 
     job: BatchableJob

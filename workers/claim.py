@@ -181,8 +181,6 @@ class Claimer:
                 planned, self.store.start_many(self.worker, takes), strict=True
             ):
                 if taken is None:  # cancelled meanwhile, or another worker was first
-                    # by identity: two jobs of the same parameters compare equal, and
-                    # comparing their tensors raises
                     chosen = [p for p in chosen if p is not member.prepared]
                     continue
                 members.append(member)

@@ -250,6 +250,7 @@ def run_worker(
             "host": socket.gethostname(),
             "worker_threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "keeps_freed_mib": settings.worker_keep_freed_mib if keeps_freed else 0,
             "since": since,

@@ -1,12 +1,14 @@
 """Each worker's share of the host's cores, given to torch before the worker does any work.
 
 torch sizes its thread pools to every core of the host. Two workers on one host then run
-twice as many spinning OpenMP threads as there are cores: they starve each other, the API
-and Redis, and a burst of small jobs on two workers ran 16–21× slower than on one
-(issue 25). So each worker takes ``worker_threads`` threads, by default the host's cores
-÷ the workers on it (``local_workers``, which ``lens serve`` sets), at least one. A
-worker whose models all live on GPUs needs few: its CPU work is the Python around the
-kernels, tokenisation and copies, so it takes at most ``GPU_WORKER_THREADS``.
+twice as many OpenMP threads as there are cores, which wait for each other at every
+operation and starve the API and Redis: a burst of small jobs ran slower on two workers
+than on one (``python -m bench --soak``). So each worker takes ``worker_threads``
+threads, by default the host's cores ÷ the workers on it (``local_workers``, which
+``lens serve`` sets), at least one. A worker whose models all live on GPUs needs few:
+its CPU work is the Python around the kernels, tokenisation and copies, so it takes at
+most ``GPU_WORKER_THREADS``. (``lens worker`` also makes those threads sleep rather than
+spin between operations: ``OMP_WAIT_POLICY``, which must be set before torch loads.)
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ def thread_budget(settings: Settings, models: list[str], cores: int | None = Non
     if settings.worker_threads is not None:
         return settings.worker_threads
     share = max(1, (cores or host_cores()) // settings.local_workers)
-    if torch.cuda.is_available() and all(_on_gpu(settings.models[m]) for m in models):
+    if torch.cuda.is_available() and all(on_gpus(settings.models[m]) for m in models):
         return min(GPU_WORKER_THREADS, share)
     return share
 
 
-def _on_gpu(spec: ModelSpec) -> bool:
+def on_gpus(spec: ModelSpec) -> bool:
     """Whether the model's weights go to GPUs (its default device is CUDA when present)."""
     if isinstance(spec.device_map, dict):
         return all(

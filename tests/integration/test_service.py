@@ -129,6 +129,7 @@ def test_two_jobs_load_the_model_once(http: httpx.Client, service: Stack) -> Non
     workers = queue.live_workers(conn)
     assert workers and all(w["loads"] == {DEMO: 1} for w in workers.values())
     assert all(w["worker_threads"] == 1 for w in workers.values()), "the worker_threads setting"
+    assert all(w["omp_wait_policy"] == "PASSIVE" for w in workers.values()), "lens worker sets it"
     models = http.get(f"/v1/models/{DEMO}").json()
     assert models["worker_threads"] == {name: 1 for name in workers}
     nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + service.settings.worker_nice)
