@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -397,19 +398,24 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
 
 
-def rows(run: SoakRun, count: int) -> list[Row]:
-    """The table's rows for one run."""
-    w = f"{run.workers} worker{'s' if run.workers > 1 else ''}"
-    threads = ", ".join(f"{t}" for t in sorted(run.worker_threads.values())) or "?"
+def rows(runs: Sequence[SoakRun], count: int) -> list[Row]:
+    """The table's rows for the runs of one worker count: throughput per run (median and
+    range), round trips and queue waits over all their jobs, failures and lost jobs
+    summed."""
+    workers = runs[0].workers
+    w = f"{workers} worker{'s' if workers > 1 else ''}"
+    rates = sorted(run.throughput for run in runs)
+    threads = ", ".join(str(t) for t in sorted(runs[0].worker_threads.values())) or "?"
+    spread = f" ({rates[0]:.1f}–{rates[-1]:.1f})" if len(runs) > 1 else ""
     out = [
         Row(
             f"{w}: throughput",
-            f"{run.throughput:.1f} jobs/s",
-            f"{count} jobs in {run.seconds:.1f} s; worker_threads {threads}",
+            f"{statistics.median(rates):.1f} jobs/s{spread}",
+            f"{count} jobs per run, {len(runs)} run(s): median (range); worker_threads {threads}",
         )
     ]
     for kind in KINDS:
-        trips = run.round_trips(kind)
+        trips = sorted(t for run in runs for t in run.round_trips(kind))
         if trips:
             out.append(
                 Row(
@@ -418,19 +424,37 @@ def rows(run: SoakRun, count: int) -> list[Row]:
                     f"{len(trips)} jobs; submit → held GET …/result?wait=",
                 )
             )
-    waits = [
-        f"key {k}: {_quantile(sorted(v), 0.5):.2f} / {_quantile(sorted(v), 0.95):.2f} s"
-        for k, v in sorted(run.queue_waits.items())
-    ]
+    keys = sorted({k for run in runs for k in run.queue_waits})
+    waits = []
+    for key in keys:
+        pooled = sorted(v for run in runs for v in run.queue_waits.get(key, []))
+        waits.append(f"key {key}: {_quantile(pooled, 0.5):.2f} / {_quantile(pooled, 0.95):.2f} s")
     out.append(Row(f"{w}: queue wait p50 / p95 per key", "; ".join(waits), "started − created"))
+    failures = [f for run in runs for f in run.failures]
+    lost = sum(len(run.lost) for run in runs)
     out.append(
         Row(
             f"{w}: failures, lost jobs",
-            f"{len(run.failures)}, {len(run.lost)}",
-            "; ".join(run.failures[:3]) or "must be 0, 0",
+            f"{len(failures)}, {lost}",
+            f"over {len(runs) * count} jobs; " + ("; ".join(failures[:3]) or "must be 0, 0"),
         )
     )
     return out
+
+
+def scaling_row(by_workers: dict[int, list[SoakRun]]) -> list[Row]:
+    """The most workers' throughput against one worker's, on the same burst."""
+    most = max(by_workers)
+    if 1 not in by_workers or most == 1:
+        return []
+    one, many = (statistics.median(r.throughput for r in by_workers[n]) for n in (1, most))
+    return [
+        Row(
+            f"{most} workers / 1 worker, throughput",
+            f"{many / one:.2f}×",
+            "medians of the runs above; must be ≥ 1",
+        )
+    ]
 
 
 def main(argv: Sequence[str]) -> None:
@@ -457,8 +481,8 @@ def main(argv: Sequence[str]) -> None:
     keys = keys_of(args.keys)
     jobs = plan(args.count, args.keys, mix, args.seed)
     warmup = plan(2 * args.clients, args.keys, mix, args.seed + 1)
-    all_rows: list[Row] = []
-    runs: list[SoakRun] = []
+    by_workers: dict[int, list[SoakRun]] = {}
+    probes: dict[int, FitProbe] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lens-soak-") as tmp:
         root = Path(tmp)
@@ -474,7 +498,8 @@ def main(argv: Sequence[str]) -> None:
                     check = ResultCheck(tokenizer, shape_of(stack.url, keys[0]))
                     print(f"[soak] {workers} worker(s), run {attempt + 1}…", flush=True)
                     run = soak_service(stack, keys, jobs, args.clients, check, warmup)
-                    probe = fit_probe(stack.url, keys[0]) if attempt == 0 else None
+                    if attempt == 0:
+                        probes[workers] = fit_probe(stack.url, keys[0])
                 finally:
                     stack.stop()
                     if args.logs is not None:
@@ -483,13 +508,17 @@ def main(argv: Sequence[str]) -> None:
                             args.logs / f"{workers}-{attempt}",
                             dirs_exist_ok=True,
                         )
-                runs.append(run)
-                new = rows(run, args.count) + (probe_rows(probe, workers) if probe else [])
-                for row in new:
+                by_workers.setdefault(workers, []).append(run)
+                for row in rows([run], args.count):
                     print(f"[soak]   {row.measure}: {row.value}  {row.detail}", flush=True)
                 for failure in run.failures[:10]:
                     print(f"[soak]   failure: {failure}", flush=True)
-                all_rows += new
+    all_rows = [
+        row
+        for workers, runs in by_workers.items()
+        for row in rows(runs, args.count) + probe_rows(probes[workers], workers)
+    ]
+    all_rows += scaling_row(by_workers)
     setup = _setup(args, mix)
     print()
     print(table(all_rows))
@@ -528,7 +557,7 @@ def _setup(args: argparse.Namespace, mix: dict[str, float]) -> dict[str, str]:
         f"{2 * args.clients} jobs first, not counted",
         "model": "the demo model (a Llama of 2 layers, hidden 64, 4 heads, trained to copy), "
         "float32 on CPU",
-        "during a chg": "after the first run's burst, a chg of "
+        "during a chg": "after the first burst of each worker count, a chg of "
         f"{json.dumps(PROBE_FIT)} and {PROBE_JOBS} one-text score jobs sent one after "
         "another once its first update is reported",
     }

@@ -162,8 +162,13 @@ def _fit_pauses(rt: Runtime, lm: LoadedModel, doc: JobDocument) -> FitPauses | N
                 member.doc.id, member.doc.kind, doc.model, doc.id,
             )  # fmt: skip
         if members:
-            _run_shared(rt, lm, members)
             rt.batching.in_fit_pauses += len(members)
+            try:
+                _run_shared(rt, lm, members)
+            except Exception as exc:  # a lone job's pass failed: its own failure, not the fit's
+                for member in members:
+                    _fail(rt, member.doc.id, exc)
+                _free_memory()
         return len(members)
 
     return FitPauses(serve, spec.fit_pause_ms / 1000)

@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.jobstore import RUNNING
 from app.schemas import ChgJob, JobDocument, JobStatus, ScoreJob, TraceJob
 from tests.integration.test_batching import LONG, MEDIUM, MODEL, SHORT, assert_as_alone
 from tests.workers.conftest import submit
 from tests.workers.test_claim import rq_takes
-from workers import tasks
+from workers import batcher, tasks
 from workers.lens.chg import fit_chg
 
 PROMPTS = [SHORT, MEDIUM, LONG, "a b c d", "one two three", "the cat sat on"]
@@ -106,3 +107,26 @@ def test_with_no_pause_allowed_short_jobs_wait_for_the_fit(
     assert document(rt, fit_id).status is JobStatus.SUCCEEDED
     assert "pauses" not in (document(rt, fit_id).summary or {})
     assert document(rt, score_id).status is JobStatus.QUEUED
+
+
+def test_a_short_job_that_fails_in_a_pause_fails_alone(
+    runtime: tasks.Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = runtime
+    fit = ChgJob(
+        model=MODEL, texts=PROMPTS, targets=TARGETS, num_masks=1, num_updates=3, num_reg_updates=1
+    )
+    fit_id = submit(rt, fit)
+    score_id = submit(rt, ScoreJob(model=MODEL, texts=SHORT))
+    rq_takes(rt, fit_id)
+
+    def out_of_memory(*_: Any) -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(batcher, "forward", out_of_memory)
+    tasks.run_job(fit_id)
+    assert document(rt, fit_id).status is JobStatus.SUCCEEDED
+    failed = document(rt, score_id)
+    assert failed.status is JobStatus.FAILED and failed.error is not None
+    assert failed.error.type == "OutOfMemory"
+    assert rt.store.redis.hlen(RUNNING) == 0
