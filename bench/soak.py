@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -481,6 +482,7 @@ def main(argv: Sequence[str]) -> None:
     keys = keys_of(args.keys)
     jobs = plan(args.count, args.keys, mix, args.seed)
     warmup = plan(2 * args.clients, args.keys, mix, args.seed + 1)
+    load_before = os.getloadavg()[0]
     by_workers: dict[int, list[SoakRun]] = {}
     probes: dict[int, FitProbe] = {}
     started = time.perf_counter()
@@ -520,6 +522,7 @@ def main(argv: Sequence[str]) -> None:
     ]
     all_rows += scaling_row(by_workers)
     setup = _setup(args, mix)
+    setup["load average (1 min) at start, end"] = f"{load_before:.2f}, {os.getloadavg()[0]:.2f}"
     print()
     print(table(all_rows))
     if not args.no_write:
