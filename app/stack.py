@@ -100,7 +100,7 @@ class Stack:
             self.settings = self.settings.model_copy(update={"redis_url": self.redis.url})
         names = worker_names(self.settings, workers, serves)
         if "local_workers" not in self.settings.model_fields_set:  # they share these cores
-            self.settings = self.settings.model_copy(update={"local_workers": len(names)})
+            self.settings = self.settings.model_copy(update={"local_workers": max(1, len(names))})
         for name in names:
             self.spawn_worker(name, serves)
         self.start_api()
