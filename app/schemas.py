@@ -418,6 +418,10 @@ class ModelInfo(BaseModel):
     dtype: str | None = None
     device: str | None = None
     resident: list[str] = Field(default_factory=list, description="Workers holding it loaded.")
+    worker_threads: dict[str, int] = Field(
+        default_factory=dict,
+        description="CPU threads of each live worker serving it (worker_threads), by worker.",
+    )
     queue_depth: int = 0
     running: int = 0
     worker_alive: bool = False

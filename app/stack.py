@@ -128,7 +128,10 @@ class Stack:
         if own_redis:
             self.redis = self._start_redis()
             self.settings = self.settings.model_copy(update={"redis_url": self.redis.url})
-        for name in worker_names(self.settings, workers, serves):
+        names = worker_names(self.settings, workers, serves)
+        if "local_workers" not in self.settings.model_fields_set:  # they share these cores
+            self.settings = self.settings.model_copy(update={"local_workers": max(1, len(names))})
+        for name in names:
             self.spawn_worker(name, serves)
         self.start_api()
         return self

@@ -142,7 +142,7 @@ def _service(model: str, threads: int) -> Iterator[BenchClient]:
             data_dir=Path(tmp),
             models={"demo": ModelSpec(source=model)},
             port=free_port(),
-            torch_threads=threads,
+            worker_threads=threads,
         )
         stack = Stack(settings)
         try:

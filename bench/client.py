@@ -33,9 +33,10 @@ class BenchClient:
     connection open between requests, as any HTTP client does, and opens a new one when
     the server has closed the idle one."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, api_key: str | None = None) -> None:
         parsed = urlsplit(url)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._local = threading.local()
         self._opened: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -63,6 +64,10 @@ class BenchClient:
         query = f"?wait={wait_s:g}" if wait_s else ""
         return self._exchange("GET", f"/v1/jobs/{job_id}/result{query}", None, self._drain)
 
+    def fetch(self, job_id: str, wait_s: float = MAX_RESULT_WAIT_S) -> bytes:
+        """The whole result file, after one request that waits ``wait_s`` at most for the job."""
+        return self._exchange("GET", f"/v1/jobs/{job_id}/result?wait={wait_s:g}", None, _body_of)
+
     def round_trip(self, body: dict[str, Any], *, follow_events: bool = False) -> RoundTrip:
         """Submit, then one result request that waits for the job; with ``follow_events``,
         wait on the event stream and download after it (as a client showing progress)."""
@@ -88,13 +93,13 @@ class BenchClient:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             try:
-                return self._request(conn, method, path, body, read, expect)
+                return self._request(conn, method, path, body, read, expect, self._auth)
             except (http.client.RemoteDisconnected, ConnectionError):
                 conn.close()
         self._local.conn = conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
         with self._lock:
             self._opened.append(conn)
-        return self._request(conn, method, path, body, read, expect)
+        return self._request(conn, method, path, body, read, expect, self._auth)
 
     @staticmethod
     def _request(
@@ -104,8 +109,9 @@ class BenchClient:
         body: bytes | None,
         read: Any,
         expect: int,
+        auth: dict[str, str],
     ) -> Any:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {"Content-Type": "application/json", **auth} if body is not None else auth
         try:
             conn.request(method, path, body=body, headers=headers)
             r = conn.getresponse()
@@ -126,6 +132,10 @@ class BenchClient:
         while read := r.readinto(buffer):
             size += read
         return size
+
+
+def _body_of(r: http.client.HTTPResponse) -> bytes:
+    return r.read()
 
 
 def _json_of(r: http.client.HTTPResponse) -> Any:

@@ -64,8 +64,49 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+SECTION_MARK = "<!-- section: "
+"""Opens a section that another command than ``python -m bench`` writes (e.g. ``--soak``):
+``python -m bench`` keeps such sections when it rewrites the file, and each command
+replaces only its own."""
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The marked sections of a results file, by name, each with its marker line."""
+    found: dict[str, str] = {}
+    parts = text.split(SECTION_MARK)
+    for part in parts[1:]:
+        name = part.split(" -->", 1)[0]
+        found[name] = SECTION_MARK + part.rstrip("\n") + "\n"
+    return found
+
+
+def write_section(name: str, body: list[str], seconds: float) -> Path:
+    """Replace (or add) the section ``name`` of ``bench/results.md``: a heading, when it was
+    written and on what machine, then ``body``; the rest of the file is kept."""
+    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    head = old.split(SECTION_MARK, 1)[0].rstrip("\n") + "\n"
+    sections = _sections(old)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    info = ", ".join(f"{k} {v}" for k, v in machine().items())
+    sections[name] = "\n".join(
+        [
+            f"{SECTION_MARK}{name} -->",
+            f"## {name}",
+            "",
+            f"Written on {when}, in {seconds:.0f} s; machine: {info}.",
+            "",
+            *body,
+            "",
+        ]
+    )
+    RESULTS.write_text(head + "".join(f"\n{s}" for s in sections.values()))
+    return RESULTS
+
+
 def write_results(rows: list[Row], setup: dict[str, str], seconds: float) -> Path:
-    """``bench/results.md``: when, on what, with what, and the table."""
+    """``bench/results.md``: when, on what, with what, and the table (sections written by
+    other commands are kept)."""
+    kept = _sections(RESULTS.read_text()) if RESULTS.is_file() else {}
     info = machine()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = [
@@ -86,5 +127,5 @@ def write_results(rows: list[Row], setup: dict[str, str], seconds: float) -> Pat
         table(rows),
         "",
     ]
-    RESULTS.write_text("\n".join(text))
+    RESULTS.write_text("\n".join(text) + "".join(f"\n{s}" for s in kept.values()))
     return RESULTS

@@ -70,7 +70,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
     Its results go to a directory of their own, and its worker runs one torch thread."""
     data_dir = tmp_path_factory.mktemp("service")
     settings = service_settings(
-        data_dir, {DEMO: demo_model_dir}, results_dir=data_dir / "results", torch_threads=1
+        data_dir, {DEMO: demo_model_dir}, results_dir=data_dir / "results", worker_threads=1
     )
     with running_stack(settings) as stack:
         yield stack

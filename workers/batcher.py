@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import Protocol, TypeGuard
 
 import torch
 
@@ -45,12 +45,14 @@ def batchable(job: JobRequest) -> TypeGuard[BatchableJob]:
     return isinstance(job, ScoreJob) or (isinstance(job, TraceJob) and job.gradients is None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Prepared:
     """One job, validated and tokenised, ready to share a forward pass.
 
     ``batch`` is the job's own right-padded batch [rows, length] on the model's device;
     for a trace, ``index`` [rows, k] holds the kept positions (``None``: all of them).
+    Two are equal only if they are the same object: comparing fields would compare two
+    identical jobs' token tensors, which raises.
     """
 
     job: BatchableJob
@@ -94,14 +96,24 @@ def _encode(lm: LoadedModel, job: BatchableJob) -> TextBatch:
     return encode_texts(lm.tokenizer, job.text_list(), lm.device, lm.max_context)
 
 
-def padded_tokens(items: Sequence[Prepared]) -> int:
+class Footprint(Protocol):
+    """What a job takes in a shared pass: a prepared job's, or one remembered from it."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def length(self) -> int: ...
+
+
+def padded_tokens(items: Sequence[Footprint]) -> int:
     """Tokens of the shared pass, padding included: rows × the longest job's length."""
     return sum(i.rows for i in items) * max((i.length for i in items), default=0)
 
 
-def is_full(items: Sequence[Prepared], budget: int) -> bool:
+def is_full(items: Sequence[Footprint], budget: int) -> bool:
     """True when not even one more one-token text would fit in ``budget`` tokens."""
-    return (sum(i.rows for i in items) + 1) * max(i.length for i in items) > budget
+    return (sum(i.rows for i in items) + 1) * max((i.length for i in items), default=1) > budget
 
 
 @dataclass(frozen=True)

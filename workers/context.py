@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ class JobContext:
     store: JobStore
     blob_dir: Path
     dataset_dir: Path
+    between_steps: Callable[[], None] | None = None
+    """Called after each step's report (a fit serves queued short jobs there:
+    :mod:`workers.fit_pauses`)."""
 
     def progress(self, report: Progress) -> None:
         """Publish progress; stop the job here if its owner cancelled it."""
@@ -33,6 +37,8 @@ class JobContext:
         )
         if self.store.report_progress(self.job_id, progress):
             raise Cancelled(f"job {self.job_id} was cancelled")
+        if self.between_steps is not None:
+            self.between_steps()
 
     def dataset(self, field: str, dataset_id: str) -> tuple[list[str], list[str]]:
         """Prompts and targets of an uploaded data set (the API checked it exists and is ours)."""

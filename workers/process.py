@@ -54,6 +54,7 @@ from workers import limits, tasks
 from workers.malloc import keep_freed_memory
 from workers.registry import ModelRegistry, describe
 from workers.rq_guard import ForeignJob, LensJob
+from workers.threads import apply_thread_budget, thread_budget
 
 log = logging.getLogger(__name__)
 
@@ -249,11 +250,10 @@ def run_worker(
     their queues until told to stop."""
     name = name or default_worker_name()
     names = served_models(settings, name, models)
+    apply_thread_budget(thread_budget(settings, names))
     hf_logging.disable_progress_bar()
     os.nice(settings.worker_nice)
     keeps_freed = keep_freed_memory(settings.worker_keep_freed_mib)
-    if settings.torch_threads is not None:
-        torch.set_num_threads(settings.torch_threads)
     conn = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
     store = JobStore(conn, worker=name)
     for job in store.running():
@@ -293,7 +293,9 @@ def run_worker(
             "resident": sorted(loaded),
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "torch_threads": torch.get_num_threads(),
+            "worker_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "keeps_freed_mib": settings.worker_keep_freed_mib if keeps_freed else 0,
             "since": since,

@@ -4,36 +4,34 @@ RQ imports ``run_job`` by dotted path; the worker process installs its
 :class:`Runtime` (resident models, stores) before it takes any job.
 
 A score or trace job also takes the jobs of its kind queued behind it for the same
-model, up to the model's token budget (``ModelSpec.max_batch_tokens``), and runs them
-all in one padded forward pass (:mod:`workers.batcher`). Each job taken is removed
-from the RQ queue atomically (LREM) before it is marked running, so no other worker
-can run it too; a job it cannot take (cancelled, taken by another worker, invalid,
-over the budget) stays queued and runs alone. If the API is still taking jobs of that
+model, up to the model's token budget, and runs them all in one padded forward pass
+(:mod:`workers.claim`, :mod:`workers.batcher`). If the API is still taking jobs of that
 kind for the model when such a job starts (a burst), it first waits for them to be
-queued, up to ``ModelSpec.batch_wait_ms``.
+queued, up to ``ModelSpec.batch_wait_ms``. A running chg, cchg or ablate job serves the
+model's queued score and trace jobs the same way between two of its steps
+(:mod:`workers.fit_pauses`).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from pydantic import TypeAdapter, ValidationError
-from rq.job import Job
+from pydantic import ValidationError
 
-from app import queue
 from app.blobstore import BlobStore, BlobTensor, blob_metadata
 from app.core.config import Limits
-from app.jobstore import JobRecord, JobStore, job_key
-from app.schemas import JobDocument, JobError, JobKind, JobRequest, JobStatus, TensorInfo
+from app.jobstore import JobStore
+from app.schemas import JobDocument, JobError, JobKind, JobStatus, TensorInfo
 from workers import batcher, limits
+from workers.claim import SHORT_KINDS, Claimer, Member, parse, prepare
 from workers.context import JobContext
+from workers.fit_pauses import FIT_KINDS, FitPauses
 from workers.handlers import HANDLERS
 from workers.lens.errors import Cancelled, InvalidParameter, LensError
 from workers.lens.loading import LoadedModel
@@ -41,14 +39,6 @@ from workers.lens.results import AnalysisResult
 from workers.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
-_requests: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
-
-CLAIM_SCAN = 64
-"""Queued jobs looked at, from the head of the queue, for companions of a batchable job."""
-SUBMISSION_POLL_S = 0.001
-SUBMISSIONS_QUIET_S = 0.010
-"""How long no submission must be in flight before a waiting burst counts as queued:
-the API's handlers come one after another, with short gaps between them."""
 
 
 @dataclass
@@ -59,6 +49,8 @@ class BatchStats:
     jobs: int = 0
     batched_jobs: int = 0
     largest: int = 0
+    in_fit_pauses: int = 0
+    """Jobs run by a fit's pauses (:mod:`workers.fit_pauses`)."""
 
     def record(self, jobs: int) -> None:
         self.passes += 1
@@ -77,14 +69,10 @@ class Runtime:
     result_ttl_s: int
     batching: BatchStats = field(default_factory=BatchStats)
     limits: Limits = field(default_factory=Limits)
+    claims: Claimer = field(init=False)
 
-
-@dataclass(frozen=True)
-class _Member:
-    """A running job of a shared pass."""
-
-    doc: JobDocument
-    prepared: batcher.Prepared
+    def __post_init__(self) -> None:
+        self.claims = Claimer(self.worker_name, self.store, self.limits, self.dataset_dir)
 
 
 _runtime: Runtime | None = None
@@ -115,14 +103,24 @@ def run_job(job_id: str) -> None:
     doc = record.document
     log.info("job %s: running %s on %s", job_id, doc.kind, doc.model)
     try:
-        job = _parse(doc)
+        job = parse(doc)
         lm = rt.registry.get(doc.model)
-        leader = _prepare(lm, job)
-        _check_tokens(rt, lm, job, leader)
+        leader = prepare(lm, job)
+        rt.claims.check_tokens(lm, job, leader)
         if leader is not None:
-            head = _await_submissions(rt, doc, leader)
-            _run_shared(rt, lm, [_Member(doc, leader), *_claim(rt, lm, doc, leader, head)])
+            spec = rt.registry.specs[doc.model]
+            head = rt.claims.await_submissions(spec, doc, leader)
+            companions = rt.claims.take(
+                lm, doc.model, {doc.kind}, [leader], spec.max_batch_tokens, head
+            )
+            for member in companions:
+                log.info(
+                    "job %s: running %s on %s, batched with %s",
+                    member.doc.id, doc.kind, doc.model, doc.id,
+                )  # fmt: skip
+            _run_shared(rt, lm, [Member(doc, leader), *companions])
             return
+        pauses = _fit_pauses(rt, lm, doc)
         ctx = JobContext(
             job_id=job_id,
             owner=record.owner,
@@ -130,8 +128,12 @@ def run_job(job_id: str) -> None:
             store=rt.store,
             blob_dir=rt.blobs.root,
             dataset_dir=rt.dataset_dir,
+            between_steps=pauses,
         )
-        _deliver(rt, doc, HANDLERS[JobKind(doc.kind)](ctx, job))
+        result = HANDLERS[JobKind(doc.kind)](ctx, job)
+        if pauses is not None:
+            result.summary["pauses"] = pauses.log.summary()
+        _deliver(rt, doc, result)
         return
     except Cancelled:
         rt.store.finish(job_id, JobStatus.CANCELLED, ttl_s=rt.result_ttl_s)
@@ -146,138 +148,33 @@ def run_job(job_id: str) -> None:
     _free_memory()
 
 
-def _parse(doc: JobDocument) -> JobRequest:
-    return _requests.validate_python({"kind": doc.kind, "model": doc.model, **doc.params})
-
-
-def _prepare(lm: LoadedModel, job: JobRequest) -> batcher.Prepared | None:
-    """The job ready for a shared pass; ``None`` if it is not batchable or is invalid (its
-    handler then runs it alone and reports its error)."""
-    if not batcher.batchable(job):
-        return None
-    try:
-        return batcher.prepare(lm, job)
-    except LensError:
-        return None
-
-
-def _check_tokens(
-    rt: Runtime, lm: LoadedModel, job: JobRequest, prepared: batcher.Prepared | None
-) -> None:
-    """The operator's token limits; a prepared job's texts are counted from its batch."""
-    counted = {"texts": prepared.batch.lengths.tolist()} if prepared is not None else None
-    limits.check_tokens(job, lm.tokenizer, rt.limits, rt.dataset_dir, counted)
-
-
-def _await_submissions(
-    rt: Runtime, doc: JobDocument, leader: batcher.Prepared
-) -> list[bytes] | None:
-    """While the API is taking jobs of ``doc``'s kind for its model (a burst), wait until
-    no such submission has been in flight for ``SUBMISSIONS_QUIET_S``, or for the model's
-    ``batch_wait_ms`` at most: the burst then shares this pass instead of the next ones.
-    A lone job, or one user's jobs one after another, finds nothing in flight and starts
-    at once. The first check reads the head of the queue too, and returns it if nothing
-    was in flight: it is then the claim's first scan."""
+def _fit_pauses(rt: Runtime, lm: LoadedModel, doc: JobDocument) -> FitPauses | None:
+    """For a fit, the hook that serves its model's queued short jobs between its steps."""
     spec = rt.registry.specs[doc.model]
-    conn = rt.store.redis
-    if batcher.is_full([leader], spec.max_batch_tokens):
+    if JobKind(doc.kind) not in FIT_KINDS or spec.fit_pause_ms <= 0:
         return None
-    pipe = conn.pipeline(transaction=False)
-    pipe.get(queue.submitting_key(doc.model, doc.kind))
-    pipe.lrange(queue.queue_key(doc.model), 0, CLAIM_SCAN - 1)
-    in_flight, head = pipe.execute()
-    if not queue.in_flight_count(in_flight):
-        return cast("list[bytes]", head)
-    deadline, quiet_since = time.monotonic() + spec.batch_wait_ms / 1000, None
-    while time.monotonic() < deadline:
-        time.sleep(SUBMISSION_POLL_S)
-        now = time.monotonic()
-        if queue.submissions_in_flight(conn, doc.model, doc.kind):
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = now
-        elif now - quiet_since >= SUBMISSIONS_QUIET_S:
-            return None
-    return None
 
-
-def _claim(
-    rt: Runtime,
-    lm: LoadedModel,
-    doc: JobDocument,
-    leader: batcher.Prepared,
-    head: list[bytes] | None,
-) -> list[_Member]:
-    """Take queued jobs of ``doc``'s kind and model that fit the model's token budget,
-    scanning the queue again while each scan finds new jobs (a burst still landing).
-    Each scan reads its candidates' records in one round trip and takes the ones that
-    fit in another; ``head``, if given, is the first scan's read of the queue."""
-    budget = rt.registry.specs[doc.model].max_batch_tokens
-    chosen = [leader]
-    conn = rt.store.redis
-    queue_key = queue.queue_key(doc.model)
-    seen: set[str] = set()
-    members: list[_Member] = []
-    while not batcher.is_full(chosen, budget):
-        queued = (
-            head
-            if head is not None
-            else cast("list[bytes]", conn.lrange(queue_key, 0, CLAIM_SCAN - 1))
-        )
-        head = None
-        ids = [i for i in (q.decode() for q in queued) if i not in seen]
-        if not ids:
-            break
-        seen.update(ids)
-        pipe = conn.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(job_key(job_id), "kind", "status")
-        candidates = [
-            job_id
-            for job_id, (kind, status) in zip(ids, pipe.execute(), strict=True)
-            if kind == doc.kind.encode() and status == JobStatus.QUEUED.encode()
-        ]
-        planned: list[_Member] = []
-        for record in filter(None, rt.store.get_many(candidates)):  # gone meanwhile: skip
-            if batcher.is_full(chosen, budget):
-                break
-            prepared = _fitting(rt, lm, record, chosen, budget)
-            if prepared is not None:
-                chosen.append(prepared)
-                planned.append(_Member(record.document, prepared))
-        takes = [(m.doc.id, (queue_key, Job.key_for(m.doc.id))) for m in planned]
-        for member, taken in zip(planned, rt.store.start_many(rt.worker_name, takes), strict=True):
-            if taken is None:  # cancelled meanwhile, or another worker was first
-                chosen.remove(member.prepared)
-                continue
-            members.append(member)
+    def serve() -> int:
+        members = rt.claims.take(lm, doc.model, SHORT_KINDS, [], spec.max_batch_tokens)
+        for member in members:
             log.info(
-                "job %s: running %s on %s, batched with %s",
-                member.doc.id, doc.kind, doc.model, doc.id,
+                "job %s: running %s on %s, in a pause of %s",
+                member.doc.id, member.doc.kind, doc.model, doc.id,
             )  # fmt: skip
-    return members
+        if members:
+            rt.batching.in_fit_pauses += len(members)
+            try:
+                _run_shared(rt, lm, members)
+            except Exception as exc:  # a lone job's pass failed: its own failure, not the fit's
+                for member in members:
+                    _fail(rt, member.doc.id, exc)
+                _free_memory()
+        return len(members)
+
+    return FitPauses(serve, spec.fit_pause_ms / 1000)
 
 
-def _fitting(
-    rt: Runtime,
-    lm: LoadedModel,
-    record: JobRecord,
-    chosen: list[batcher.Prepared],
-    budget: int,
-) -> batcher.Prepared | None:
-    """A queued job ready for the shared pass, if it is valid and fits beside ``chosen``."""
-    try:
-        companion = _parse(record.document)
-        prepared = _prepare(lm, companion)
-        _check_tokens(rt, lm, companion, prepared)
-    except Exception:  # it fails alone, with its own error, in its turn
-        return None
-    if prepared is None or batcher.padded_tokens([*chosen, prepared]) > budget:
-        return None
-    return prepared
-
-
-def _run_shared(rt: Runtime, lm: LoadedModel, members: list[_Member]) -> None:
+def _run_shared(rt: Runtime, lm: LoadedModel, members: list[Member]) -> None:
     """One forward pass for all ``members``, then each job's result stored or its error
     recorded. If the shared pass fails (out of memory, or any error one job may have
     caused), each job runs again on its own, so one job's failure fails only that job."""

@@ -256,6 +256,9 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
 ) -> None:
     """A worker process: loads its models once and runs their jobs (one per GPU or CPU)."""
+    # Before torch loads OpenMP: its threads sleep between operations instead of spinning,
+    # which on a host shared with the API, Redis and other workers starves them all.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from workers.process import run_worker
 
     settings = load_settings(config=config, models=model, redis_url=redis_url, data_dir=data_dir)

@@ -52,6 +52,14 @@ class ModelSpec(BaseModel):
         "so that they share its forward pass (0: never wait). With nothing in flight it "
         "starts at once.",
     )
+    fit_pause_ms: float = Field(
+        250.0,
+        ge=0,
+        description="A running chg, cchg or ablate job of this model serves the score and "
+        "trace jobs (without gradients) queued for it between two of its steps, ungated, in "
+        "shared passes of max_batch_tokens, for up to this long per pause (then one pass "
+        "more at most); the fit's result is unchanged. 0: short jobs wait for the fit.",
+    )
     workers: list[str] | None = Field(
         None,
         description="Names of the workers that serve it (lens worker --name); default every "
@@ -160,11 +168,19 @@ class Settings(BaseSettings):
     cuda_memory_fraction: float | None = Field(
         None, gt=0, le=1, description="CUDA workers: the share of each GPU a worker may use."
     )
-    torch_threads: int | None = Field(
+    worker_threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads each worker gives torch (default: torch's choice, one per "
-        "core); set cores ÷ workers when several workers share a host.",
+        description="CPU threads each worker gives torch (intra-op, and as many inter-op), "
+        "set before it loads anything. Default: the host's cores ÷ local_workers, at least 1; "
+        "at most 2 on a worker whose models all live on GPUs. Reported in the heartbeat and "
+        "GET /v1/models.",
+    )
+    local_workers: int = Field(
+        1,
+        ge=1,
+        description="Worker processes sharing this host's cores, which the default "
+        "worker_threads divides between them; lens serve sets it to its --workers.",
     )
     worker_nice: int = Field(
         5,

@@ -41,7 +41,7 @@ def _until(condition: Callable[[], object], timeout: float, what: str) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[Stack]:
     data = tmp_path_factory.mktemp("hostile")
     settings = service_settings(
-        data, {DEMO: demo_model_dir, BROKEN: data / "no-such-model"}, torch_threads=1
+        data, {DEMO: demo_model_dir, BROKEN: data / "no-such-model"}, worker_threads=1
     )
     stack = Stack(settings)
     try:

@@ -54,7 +54,7 @@ def last_line_time(log: Path, pattern: str) -> datetime:
 
 def test_a_restart_of_the_whole_stack_loses_nothing(tmp_path: Path, demo_model_dir: Path) -> None:
     settings = service_settings(tmp_path, {DEMO: demo_model_dir, "later": demo_model_dir})
-    settings = settings.model_copy(update={"shutdown_grace_s": GRACE_S, "torch_threads": 1})
+    settings = settings.model_copy(update={"shutdown_grace_s": GRACE_S, "worker_threads": 1})
     first = Stack(settings)
     try:
         first.start(workers=2, serves=[DEMO])

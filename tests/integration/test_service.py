@@ -128,7 +128,10 @@ def test_two_jobs_load_the_model_once(http: httpx.Client, service: Stack) -> Non
     conn = redis.Redis.from_url(service.settings.redis_url)
     workers = queue.live_workers(conn)
     assert workers and all(w["loads"] == {DEMO: 1} for w in workers.values())
-    assert all(w["torch_threads"] == 1 for w in workers.values()), "the torch_threads setting"
+    assert all(w["worker_threads"] == 1 for w in workers.values()), "the worker_threads setting"
+    assert all(w["omp_wait_policy"] == "PASSIVE" for w in workers.values()), "lens worker sets it"
+    models = http.get(f"/v1/models/{DEMO}").json()
+    assert models["worker_threads"] == {name: 1 for name in workers}
     nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + service.settings.worker_nice)
     assert service.settings.worker_nice > 0 and all(w["nice"] == nice for w in workers.values())
     keep = service.settings.worker_keep_freed_mib if platform.libc_ver()[0] == "glibc" else 0

@@ -23,9 +23,9 @@ def _model_info(
     workers: dict[str, dict[str, Any]],
     running: Counter[str],
 ) -> ModelInfo:
-    """Shape as the last worker that loaded it reported; liveness from current heartbeats.
-    Failed: no live worker serves it and one could not load it (or, with no live worker
-    at all, the last one to try could not)."""
+    """Shape as the last worker that loaded it reported; liveness and thread budgets from
+    current heartbeats. Failed: no live worker serves it and one could not load it (or,
+    with no live worker at all, the last one to try could not)."""
     serving = [w for w, info in workers.items() if name in info.get("models", [])]
     holding = sorted(w for w in serving if name in workers[w].get("resident", []))
     shape = reported.get(name, {})
@@ -38,6 +38,9 @@ def _model_info(
             "name": name,
             "source": source,
             "resident": holding,
+            "worker_threads": {
+                w: workers[w]["worker_threads"] for w in serving if "worker_threads" in workers[w]
+            },
             "queue_depth": queue.queue_depth(conn, name),
             "running": running.get(name, 0),
             "worker_alive": bool(serving),
