@@ -261,11 +261,17 @@ def build_tiny_model(family: str, path: Path, *, seed: int = 0) -> Path:
 
 
 def save_random_model(
-    config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, path: Path, *, seed: int = 0
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Build ``config``'s causal LM with random weights and save it with ``tokenizer``."""
+    """Build ``config``'s causal LM with random weights in ``dtype`` and save it with
+    ``tokenizer`` (also what ``bench/shapes.py`` builds real shapes with)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

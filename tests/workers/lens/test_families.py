@@ -26,7 +26,7 @@ from workers.lens.testing import (
     save_random_model,
     tiny_config,
 )
-from workers.lens.tracing import record_sites, trace
+from workers.lens.tracing import record_sites, select_positions, trace
 
 TEXTS = ["The capital of France is Paris", "a b a", "One two"]
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -153,6 +153,21 @@ def test_every_site_is_present_with_its_shape(models: Models, family: str) -> No
         assert full[site].shape == (batch, seq, a.hidden_size)
     assert full["final_logits"].shape == (batch, seq, a.vocab_size)
     assert "positions" not in full
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kept_positions_hold_the_full_trace_at_them(models: Models, family: str) -> None:
+    """With ``positions`` the LM head runs at those positions only, in every family."""
+    lm, full = models.lm(family), models.trace(family)
+    kept = trace(lm, TEXTS, positions=[0, -1]).tensors
+    index = kept.pop("positions")
+    for name, value in kept.items():
+        whole = (
+            full[name]
+            if name in ("input_ids", "attention_mask")
+            else (select_positions(full[name], index))
+        )
+        torch.testing.assert_close(value, whole, **TOL)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
