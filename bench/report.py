@@ -65,7 +65,8 @@ def table(rows: list[Row]) -> str:
 
 
 def write_results(rows: list[Row], setup: dict[str, str], seconds: float) -> Path:
-    """``bench/results.md``: when, on what, with what, and the table."""
+    """``bench/results.md``: when, on what, with what, and the table; the sections other
+    tiers wrote there (``--shapes``, ``bench/gpu.py``) are kept after it."""
     info = machine()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = [
@@ -85,6 +86,36 @@ def write_results(rows: list[Row], setup: dict[str, str], seconds: float) -> Pat
         "",
         table(rows),
         "",
+        *other_sections(RESULTS.read_text() if RESULTS.is_file() else "", _OWN_SECTIONS),
     ]
     RESULTS.write_text("\n".join(text))
     return RESULTS
+
+
+_OWN_SECTIONS = ("## Machine", "## Setup", "## Results")
+
+
+def other_sections(text: str, own: tuple[str, ...]) -> list[str]:
+    """The ``## `` sections of ``text`` whose titles are not in ``own``, as lines."""
+    kept: list[str] = []
+    keeping = False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            keeping = line not in own
+        if keeping:
+            kept.append(line)
+    return kept
+
+
+def write_section_into(path: Path, title: str, text: str) -> None:
+    """Replace the section ``title`` (a ``## `` line) of ``path`` by ``text``, or append it;
+    everything else in the file stays."""
+    existing = path.read_text() if path.is_file() else "# Benchmark results\n"
+    lines = existing.splitlines()
+    if title in lines:
+        start = lines.index(title)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        lines = lines[:start] + lines[end:]
+    path.write_text("\n".join(lines).rstrip() + "\n\n" + text.rstrip() + "\n")
