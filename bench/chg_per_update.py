@@ -102,13 +102,17 @@ def _ours(args: argparse.Namespace) -> Fit:
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
 
     def fit(texts: list[str], targets: list[str], params: dict[str, int]) -> None:
-        fit_chg(lm, texts, targets, seed=0, **params)
+        fit_chg(
+            lm, texts, targets, seed=0, num_masks=params["num_masks"],
+            batch_size=params["batch_size"], num_updates=params["num_updates"],
+            num_reg_updates=params["num_reg_updates"],
+        )  # fmt: skip
 
     return fit
 
 
 def _seed(args: argparse.Namespace) -> Fit:
-    from inteprelens import LensAPI  # the optional comparison, imported only when run
+    from inteprelens import LensAPI  # type: ignore[import-not-found]  # optional, only when run
 
     api = LensAPI.from_pretrained(
         args.model, device=args.device, torch_dtype=getattr(torch, args.dtype)

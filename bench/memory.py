@@ -51,9 +51,11 @@ def reset_peak(pid: int | str) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def measure(call: Callable[[], T]) -> tuple[T, Peak]:
-    """Run ``call`` once and say what it took; its result is kept alive until returned."""
-    gc.collect()
+def measure(call: Callable[[], T], *, collect: bool = True) -> tuple[T, Peak]:
+    """Run ``call`` once and say what it took; its result is kept alive until returned.
+    ``collect`` first frees what the garbage collector can, so the baseline is honest."""
+    if collect:
+        gc.collect()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
