@@ -50,7 +50,7 @@ from workers.lens.demo import copy_task_examples
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Real shapes"
-CHG = {"num_masks": 2, "batch_size": 2, "updates": 2, "reg_updates": 0}
+CHG = {"num_masks": 1, "batch_size": 2, "updates": 1, "reg_updates": 0}
 """The CHG comparison's fit: small, so that a 1B model runs it in minutes on a CPU."""
 GIB = 1 << 30
 
