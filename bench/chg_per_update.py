@@ -6,7 +6,8 @@ under the project's interpreter, and ``inteprelens`` 0.2.1 (``LensAPI.fit``) und
 interpreter that has it (a scratch virtualenv: see ``bench/chg_vs_seed.py``). Both get
 the same prompts and targets (a JSON file), gate sets, batch size, updates, dtype,
 device and threads. Each first runs a one-update fit (which also pays any one-time
-cost, such as our check of a model's exact shortcuts), then the timed fit; its wall
+cost, such as our check of a model's exact shortcuts; ``--no-warm-up`` skips it), then
+the timed fit; its wall
 time over its updates (``num_updates + 2 × num_reg_updates``) is the figure, with the
 process's CPU time per update beside it (the fairer one on a machine others share:
 a process that waits for a core is not charged for the wait).
@@ -45,6 +46,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--updates", type=int, default=2, help="num_updates")
     parser.add_argument("--reg-updates", type=int, default=0, help="num_reg_updates")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--no-warm-up", dest="warm_up", action="store_false", help="time the first fit"
+    )
     return parser.parse_args()
 
 
@@ -70,7 +74,7 @@ def main() -> None:
         _sync(args.device)
         return time.perf_counter() - began, time.process_time() - cpu
 
-    warm, _ = timed(1, 0)
+    warm = timed(1, 0)[0] if args.warm_up else None
     seconds, cpu_seconds = timed(args.updates, args.reg_updates)
     updates = args.updates + 2 * args.reg_updates
     report = {

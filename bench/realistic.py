@@ -50,29 +50,42 @@ from workers.lens.demo import copy_task_examples
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Real shapes"
+ROWS = Path(__file__).with_name("shapes_results.json")
 CHG = {"num_masks": 1, "batch_size": 2, "updates": 1, "reg_updates": 0}
 """The CHG comparison's fit: small, so that a 1B model runs it in minutes on a CPU."""
 GIB = 1 << 30
 
 
-def main(names: list[str], threads: int | None) -> None:
-    started = time.perf_counter()
-    rows = []
+def main(names: list[str], threads: int | None, chg_dtypes: list[str]) -> None:
+    """Measure each shape, then rewrite the section from every shape measured so far
+    (``bench/shapes_results.json`` keeps each shape's latest row, so runs of different
+    shapes add up)."""
+    rows = json.loads(ROWS.read_text()) if ROWS.is_file() else {}
     for name in names or DEFAULT_SHAPES:
         began = time.perf_counter()
         print(f"[shapes] {name}: building (once) …", flush=True)
         path = build_shape(name)
-        row = {"shape": name, "mirrors": SHAPES[name].mirrors, **measure_shape(name, path, threads)}
+        row = {
+            "shape": name,
+            "mirrors": SHAPES[name].mirrors,
+            **measure_shape(name, path, threads, chg_dtypes),
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average": os.getloadavg()[0],
+            "threads": threads,
+        }
         row["total_seconds"] = time.perf_counter() - began
         print(f"[shapes] {name}: {json.dumps(row)}", flush=True)
-        rows.append(row)
-    text = section(rows, time.perf_counter() - started)
+        rows[name] = row
+        ROWS.write_text(json.dumps(rows, indent=1) + "\n")
+    text = section([rows[n] for n in SHAPES if n in rows])
     print("\n" + text)
     write_section(text)
     print(f"\nwritten to {RESULTS}")
 
 
-def measure_shape(name: str, path: Path, threads: int | None) -> dict[str, Any]:
+def measure_shape(
+    name: str, path: Path, threads: int | None, chg_dtypes: list[str]
+) -> dict[str, Any]:
     row: dict[str, Any] = {"parameters": SHAPES[name].parameters()}
     row["rss_before_load"] = _imports_rss()
     with _service(name, path, threads) as (stack, client):
@@ -98,7 +111,7 @@ def measure_shape(name: str, path: Path, threads: int | None) -> dict[str, Any]:
                 "estimate": submission_estimate(body, info),
             }
             print(f"[shapes] {name}: {kind} {row[kind]}", flush=True)
-    row["chg"] = chg_comparison(path, threads)
+    row["chg"] = chg_comparison(path, threads, chg_dtypes)
     return row
 
 
@@ -119,15 +132,15 @@ def submission_estimate(body: dict[str, Any], model_info: dict[str, Any]) -> int
     return int(estimator(job, ModelInfo(**model_info)))
 
 
-def chg_comparison(path: Path, threads: int | None) -> dict[str, Any]:
-    """Seconds per update of ours and the seed's, float32 and bfloat16, alternating."""
+def chg_comparison(path: Path, threads: int | None, dtypes: list[str]) -> dict[str, Any]:
+    """Seconds per update of the seed's and ours, in each of ``dtypes``."""
     prompts, targets = copy_task_examples(16, seed=0)
     seed = seed_python()
     out: dict[str, Any] = {"seed_python": seed, **CHG}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"texts": prompts, "targets": targets}, f)
     try:
-        for dtype in ("float32", "bfloat16"):
+        for dtype in dtypes:
             for impl, python in (("seed", seed), ("ours", sys.executable)):
                 if python is None:
                     out[f"{impl}_{dtype}"] = None
@@ -145,6 +158,8 @@ def _run_chg(
     args = [python, "-m", "bench.chg_per_update", impl, str(path), str(examples)]
     args += ["--dtype", dtype, "--device", "cpu"]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in CHG.items()]
+    if impl == "seed":  # no one-time cost to absorb: its first fit took as long as its second
+        args.append("--no-warm-up")
     if threads:
         args.append(f"--threads={threads}")
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=False)
@@ -215,6 +230,8 @@ def _size(job: dict[str, Any]) -> str:
 
 def _chg_cell(chg: dict[str, Any], dtype: str) -> str:
     ours, seed = chg.get(f"ours_{dtype}"), chg.get(f"seed_{dtype}")
+    if ours is None and seed is None:
+        return "not run"
     if not isinstance(ours, dict):
         return str(ours)
     cell = _per_update(ours)
@@ -250,20 +267,22 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def section(rows: list[dict[str, Any]], seconds: float) -> str:
+def section(rows: list[dict[str, Any]]) -> str:
     info = machine()
-    load = os.getloadavg()[0]
     chg = rows[0]["chg"] if rows else CHG
+    runs = "; ".join(
+        f"{r['shape']} {r['when']}, {r['total_seconds']:.0f} s, {r.get('threads') or 'default'} "
+        f"torch threads, load average {r['load_average']:.1f}"
+        for r in rows
+    )
     return "\n".join(
         [
             SECTION,
             "",
-            f"Written by `python -m bench --shapes` on "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, in {seconds:.0f} s, on "
-            f"{info['CPU']} ({info['cores']} cores, {info['memory']}), {info['device']}, "
-            f"torch {info['torch']}; load average (1 min) at the end {load:.2f}. Models are "
-            "random weights in each published shape (`bench/shapes.py`), served in float32 "
-            "on the CPU by one worker.",
+            f"Written by `python -m bench --shapes` on {info['CPU']} ({info['cores']} cores, "
+            f"{info['memory']}), {info['device']}, torch {info['torch']}. Models are random "
+            "weights in each published shape (`bench/shapes.py`), served in float32 on the "
+            f"CPU by one worker. Runs (1-minute load average at the end): {runs}.",
             "",
             table(rows),
             "",
@@ -271,8 +290,10 @@ def section(rows: list[dict[str, Any]], seconds: float) -> str:
             "the serving worker once ready. Peaks: the worker's high-water mark during the "
             "job (reset just before it); the result itself is part of it.",
             f"- CHG: {chg['num_masks']} gate sets, batch {chg['batch_size']}, "
-            f"{chg['updates']} + 2 × {chg['reg_updates']} updates after a one-update warm-up "
-            "fit, on the demo's copy prompts; each implementation in its own fresh process; "
+            f"{chg['updates']} + 2 × {chg['reg_updates']} updates, on the demo's copy prompts, "
+            "each implementation in its own fresh process; ours after a one-update warm-up "
+            "fit (its per-model check of exact shortcuts is paid once per loaded model), the "
+            "seed's without (its first fit took as long as its second); "
             "wall and CPU seconds per update of the timed fit, the speed-up (seed / ours) "
             "by CPU time, which a machine shared with other work distorts least. The seed "
             "runs its forward passes under bfloat16 autocast whatever the weights' dtype.",

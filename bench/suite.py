@@ -80,9 +80,16 @@ def main() -> None:
         f"(default: {', '.join(DEFAULT_SHAPES)})",
     )
     parser.add_argument("--threads", type=int, help="with --shapes: torch threads")
+    parser.add_argument(
+        "--chg-dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="with --shapes: the dtypes of the CHG comparison",
+    )
     args = parser.parse_args()
     if args.shapes is not None:
-        realistic.main(args.shapes, args.threads)
+        realistic.main(args.shapes, args.threads, args.chg_dtypes)
         return
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
