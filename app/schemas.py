@@ -411,7 +411,10 @@ class ModelInfo(BaseModel):
     layers: int | None = None
     heads: int | None = None
     kv_heads: int | None = None
-    head_dim: int | None = None
+    head_dim: int | None = Field(None, description="Head width; null where it differs per layer.")
+    head_dims: list[int] | None = Field(
+        None, description="Head width of each layer (Gemma 4 widens its full-attention heads)."
+    )
     hidden_size: int | None = None
     vocab_size: int | None = None
     max_context: int | None = None

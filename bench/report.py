@@ -64,49 +64,9 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-SECTION_MARK = "<!-- section: "
-"""Opens a section that another command than ``python -m bench`` writes (e.g. ``--soak``):
-``python -m bench`` keeps such sections when it rewrites the file, and each command
-replaces only its own."""
-
-
-def _sections(text: str) -> dict[str, str]:
-    """The marked sections of a results file, by name, each with its marker line."""
-    found: dict[str, str] = {}
-    parts = text.split(SECTION_MARK)
-    for part in parts[1:]:
-        name = part.split(" -->", 1)[0]
-        found[name] = SECTION_MARK + part.rstrip("\n") + "\n"
-    return found
-
-
-def write_section(name: str, body: list[str], seconds: float) -> Path:
-    """Replace (or add) the section ``name`` of ``bench/results.md``: a heading, when it was
-    written and on what machine, then ``body``; the rest of the file is kept."""
-    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    head = old.split(SECTION_MARK, 1)[0].rstrip("\n") + "\n"
-    sections = _sections(old)
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    info = ", ".join(f"{k} {v}" for k, v in machine().items())
-    sections[name] = "\n".join(
-        [
-            f"{SECTION_MARK}{name} -->",
-            f"## {name}",
-            "",
-            f"Written on {when}, in {seconds:.0f} s; machine: {info}.",
-            "",
-            *body,
-            "",
-        ]
-    )
-    RESULTS.write_text(head + "".join(f"\n{s}" for s in sections.values()))
-    return RESULTS
-
-
 def write_results(rows: list[Row], setup: dict[str, str], seconds: float) -> Path:
-    """``bench/results.md``: when, on what, with what, and the table (sections written by
-    other commands are kept)."""
-    kept = _sections(RESULTS.read_text()) if RESULTS.is_file() else {}
+    """``bench/results.md``: when, on what, with what, and the table; the sections other
+    tiers wrote there (``--shapes``, ``bench/gpu.py``) are kept after it."""
     info = machine()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = [
@@ -126,6 +86,48 @@ def write_results(rows: list[Row], setup: dict[str, str], seconds: float) -> Pat
         "",
         table(rows),
         "",
+        *other_sections(RESULTS.read_text() if RESULTS.is_file() else "", _OWN_SECTIONS),
     ]
-    RESULTS.write_text("\n".join(text) + "".join(f"\n{s}" for s in kept.values()))
+    RESULTS.write_text("\n".join(text))
+    return RESULTS
+
+
+_OWN_SECTIONS = ("## Machine", "## Setup", "## Results")
+
+
+def other_sections(text: str, own: tuple[str, ...]) -> list[str]:
+    """The ``## `` sections of ``text`` whose titles are not in ``own``, as lines."""
+    kept: list[str] = []
+    keeping = False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            keeping = line not in own
+        if keeping:
+            kept.append(line)
+    return kept
+
+
+def write_section_into(path: Path, title: str, text: str) -> None:
+    """Replace the section ``title`` (a ``## `` line) of ``path`` by ``text``, or append it;
+    everything else in the file stays."""
+    existing = path.read_text() if path.is_file() else "# Benchmark results\n"
+    lines = existing.splitlines()
+    if title in lines:
+        start = lines.index(title)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        lines = lines[:start] + lines[end:]
+    path.write_text("\n".join(lines).rstrip() + "\n\n" + text.rstrip() + "\n")
+
+
+def write_section(name: str, body: list[str], seconds: float) -> Path:
+    """Replace (or add) the section ``## name`` of ``bench/results.md``: its heading, when
+    it was written and on what machine, then ``body``; the rest of the file is kept."""
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    info = ", ".join(f"{k} {v}" for k, v in machine().items())
+    text = "\n".join(
+        [f"## {name}", "", f"Written on {when}, in {seconds:.0f} s; machine: {info}.", "", *body]
+    )
+    write_section_into(RESULTS, f"## {name}", text)
     return RESULTS

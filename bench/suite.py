@@ -45,9 +45,11 @@ from app.core.redis_server import free_port
 from app.jobstore import ANONYMOUS, JobStore
 from app.schemas import JobStatus, TensorInfo
 from app.stack import Stack
+from bench import realistic
 from bench.client import BenchClient, RoundTrip
 from bench.models import GEOMETRY, build_bench_model, texts_of_length
 from bench.report import Row, machine, table, write_results
+from bench.shapes import DEFAULT_SHAPES, SHAPES
 from workers.lens.loading import LoadedModel, load_model
 
 BATCHED = "bench"
@@ -69,7 +71,26 @@ def main() -> None:
     parser.add_argument(
         "--results-dir", type=Path, help="the service's results_dir (default: in its data dir)"
     )
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        choices=list(SHAPES),
+        metavar="SHAPE",
+        help="instead, the real-shapes tier (bench/realistic.py; not in CI) on these shapes "
+        f"(default: {', '.join(DEFAULT_SHAPES)})",
+    )
+    parser.add_argument("--threads", type=int, help="with --shapes: torch threads")
+    parser.add_argument(
+        "--chg-dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="with --shapes: the dtypes of the CHG comparison",
+    )
     args = parser.parse_args()
+    if args.shapes is not None:
+        realistic.main(args.shapes, args.threads, args.chg_dtypes)
+        return
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lens-bench-") as tmp:

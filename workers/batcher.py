@@ -34,6 +34,7 @@ from workers.lens.tracing import (
     record_sites,
     resolve_layers,
     resolve_sites,
+    returned,
     select_positions,
 )
 
@@ -215,25 +216,29 @@ def _trace_result(
     shared: SharedPass,
     rows: slice,
 ) -> AnalysisResult:
-    """What ``trace`` returns for this job, from the shared pass's [all rows, seq, …] tensors."""
+    """What ``trace`` returns for this job, from the shared pass's [all rows, seq, …] tensors.
+
+    As in ``trace``, each layer's logits are projected at the job's own rows and kept
+    positions, then cast and moved to the CPU before the next layer's are made."""
     index = item.index
 
     def keep(t: torch.Tensor) -> torch.Tensor:
         own = t[rows, : item.length]
         return own if index is None else select_positions(own, index)
 
-    tensors: dict[str, torch.Tensor] = {}
+    out_dtype = DTYPES[job.dtype.value]
+    result: dict[str, torch.Tensor] = {}
     for site in item.sites:
         for layer in item.layers if site in LAYER_SITES else [None]:
             name = SITES[site].tensor_name(layer)
             if site == "logits":
                 block_output = shared.captured[f"block_output.{layer}"]
-                tensors[name] = lm.adapter.unembed(keep(block_output))
+                tensor = lm.adapter.unembed(keep(block_output))
             else:
-                tensors[name] = keep(shared.captured[name])
-    out_dtype = DTYPES[job.dtype.value]
-    result = {k: v.to(out_dtype).cpu().contiguous() for k, v in tensors.items()}
-    result["final_logits"] = keep(shared.logits).float().cpu().contiguous()
+                tensor = keep(shared.captured[name])
+            result[name] = returned(tensor, out_dtype)
+            del tensor  # so that one layer's logits exist at a time, not two
+    result["final_logits"] = returned(keep(shared.logits), torch.float32)
     result["input_ids"] = item.batch.input_ids.cpu()
     result["attention_mask"] = item.batch.attention_mask.cpu()
     if index is not None:

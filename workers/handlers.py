@@ -21,7 +21,6 @@ from app.schemas import (
 from workers.context import JobContext
 from workers.lens import ablation, attribution, cchg, chg, gradients, scoring, tracing
 from workers.lens.data import generate_pattern
-from workers.lens.loading import DTYPES
 from workers.lens.results import AnalysisResult
 from workers.lens.taxonomy import heads_to_keep
 
@@ -57,13 +56,10 @@ def run_trace(ctx: JobContext, job: TraceJob) -> AnalysisResult:
             target=job.gradients.target,
             target_ids=job.gradients.target_ids,
             position=job.gradients.position,
+            positions=job.positions,
+            dtype=job.dtype.value,
         )
-        index = result.tensors.get("positions")
-        dtype = DTYPES[job.dtype.value]
-        for name, grad in grads.items():
-            if index is not None:
-                grad = tracing.select_positions(grad, index.to(grad.device))
-            result.tensors[name] = grad.to(dtype)
+        result.tensors.update(grads)
     return result
 
 

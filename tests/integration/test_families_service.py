@@ -37,9 +37,13 @@ def test_models_report_their_geometry(client: httpx.Client, tmp_path: Path) -> N
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert set(models) == set(FAMILIES)
     for name, info in models.items():
-        for field in ("family", "layers", "heads", "kv_heads", "head_dim", "vocab_size"):
+        for field in ("family", "layers", "heads", "kv_heads", "head_dims", "vocab_size"):
             assert info[field], (name, field)
         assert info["worker_alive"] and info["kv_heads"] <= info["heads"]
+        assert len(info["head_dims"]) == info["layers"]
+        uniform = len(set(info["head_dims"])) == 1
+        assert info["head_dim"] == (info["head_dims"][0] if uniform else None), name
+    assert models["gemma4_text"]["head_dims"] == [16, 32, 32]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -99,9 +99,10 @@ class LogitTransform:
 class ModelAdapter:
     """A loaded model's parts and head geometry, found once at load.
 
-    ``num_heads`` counts query heads (the ones gates act on); ``head_dim * num_heads``
-    is the width of the attention output projection's input, which may differ from
-    ``hidden_size`` (Gemma, Qwen3).
+    ``num_heads`` counts query heads (the ones gates act on), the same in every layer;
+    ``head_dims[layer] * num_heads`` is the width of that layer's attention output
+    projection input, which may differ from ``hidden_size`` (Gemma, Qwen3) and from
+    layer to layer (Gemma 4 widens the heads of its full-attention layers).
     """
 
     model: PreTrainedModel
@@ -112,7 +113,7 @@ class ModelAdapter:
     lm_head: nn.Module
     num_heads: int
     num_kv_heads: int
-    head_dim: int
+    head_dims: tuple[int, ...]
     hidden_size: int
     vocab_size: int
     parallel_blocks: bool
@@ -121,6 +122,12 @@ class ModelAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def head_dim(self) -> int | None:
+        """The head width shared by every layer; ``None`` where it differs per layer."""
+        widths = set(self.head_dims)
+        return widths.pop() if len(widths) == 1 else None
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         """[..., hidden] residual → [..., vocab]: final norm, LM head and logit transform.
@@ -139,6 +146,7 @@ class ModelAdapter:
             "heads": self.num_heads,
             "kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
+            "head_dims": list(self.head_dims),
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
             "block_kinds": sorted({b.kind.value for b in self.blocks}),
@@ -187,11 +195,10 @@ def adapt(model: PreTrainedModel) -> ModelAdapter:
 
     probe = _probe(model, found)
     blocks = tuple(_wire(parts, probe, f"{cls} block {i}") for i, parts in enumerate(found))
-    widths = {probe.calls[o_proj].input.shape[-1] for _, _, o_proj, _ in found}
-    width = widths.pop()
-    if widths or width % num_heads:
+    widths = [probe.calls[o_proj].input.shape[-1] for _, _, o_proj, _ in found]
+    if any(w % num_heads for w in widths):
         raise ModelNotAdaptable(
-            f"{cls}: the attention output projections' inputs ({sorted({width, *widths})}) do "
+            f"{cls}: the attention output projections' inputs ({sorted(set(widths))}) do "
             f"not all split into {num_heads} heads"
         )
     last_output = probe.calls[found[-1][0]].output
@@ -216,7 +223,7 @@ def adapt(model: PreTrainedModel) -> ModelAdapter:
         lm_head=lm_head,
         num_heads=num_heads,
         num_kv_heads=_kv_heads(config, num_heads),
-        head_dim=width // num_heads,
+        head_dims=tuple(w // num_heads for w in widths),
         hidden_size=last_output.shape[-1],
         vocab_size=probe.logits.shape[-1],
         parallel_blocks=any(b.kind is BlockKind.PARALLEL for b in blocks),
@@ -390,21 +397,29 @@ def _require(found: nn.Module | None, what: str, where: str, tried: tuple[str, .
     return found
 
 
+def _setting(config: Any, name: str) -> Any:
+    """``config.<name>``, or ``None``. In a config whose layers differ (Gemma 4: head width
+    and key/value heads per layer), transformers refuses to give a per-layer entry's
+    global value; the first layer's is read instead."""
+    if name in (getattr(config, "per_layer_attributes", None) or ()):
+        return getattr(config.per_layer_config[0], name, None)
+    return getattr(config, name, None)
+
+
 def _config_int(config: Any, cls: str, names: tuple[str, ...]) -> int:
     for name in names:
-        value = getattr(config, name, None)
+        value = _setting(config, name)
         if isinstance(value, int) and value > 0:
             return value
     raise ModelNotAdaptable(f"{cls}: config has none of {', '.join(names)}")
 
 
 def _kv_heads(config: Any, num_heads: int) -> int:
-    if getattr(config, "multi_query", False) and not getattr(
-        config, "new_decoder_architecture", False
-    ):
+    """Key/value heads (the first layer's, where they differ per layer)."""
+    if _setting(config, "multi_query") and not _setting(config, "new_decoder_architecture"):
         return 1
     for name in _NUM_KV_HEADS:
-        value = getattr(config, name, None)
+        value = _setting(config, name)
         if isinstance(value, int) and value > 0:
             return value
     return num_heads

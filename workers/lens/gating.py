@@ -21,7 +21,8 @@ def head_gates(adapter: ModelAdapter, gates: torch.Tensor) -> Iterator[None]:
     evaluated in one pass by repeating the batch). Heads are query heads: with
     grouped-query attention each query head has its own gate. The W_O input
     [batch, seq, heads * head_dim] is split into heads, which is where a head's
-    contribution is still separable (after W_O the heads are summed). Gradients
+    contribution is still separable (after W_O the heads are summed); a head is one
+    gate whatever its width, which may differ per layer (Gemma 4). Gradients
     flow into ``gates``; they are moved to the activations' device and dtype.
     """
     expected = (adapter.num_layers, adapter.num_heads)
@@ -34,7 +35,7 @@ def head_gates(adapter: ModelAdapter, gates: torch.Tensor) -> Iterator[None]:
     handles = []
     try:
         for layer, parts in enumerate(adapter.blocks):
-            hook = _gate_hook(gates[..., layer, :], adapter.head_dim)
+            hook = _gate_hook(gates[..., layer, :], adapter.head_dims[layer])
             handles.append(parts.o_proj.register_forward_pre_hook(hook))
         yield
     finally:

@@ -30,9 +30,19 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.lens.batching import TextBatch, encode_texts
 from workers.lens.errors import ContextTooLong, InvalidParameter
-from workers.lens.loading import LoadedModel
+from workers.lens.loading import DTYPES, LoadedModel
 from workers.lens.sites import LAYER_SITES, SITES
-from workers.lens.tracing import CAPTURABLE_SITES, record_sites, resolve_layers, resolve_sites
+from workers.lens.tracing import (
+    CAPTURABLE_SITES,
+    Positions,
+    lm_head_at,
+    position_index,
+    record_sites,
+    resolve_layers,
+    resolve_sites,
+    returned,
+    select_positions,
+)
 
 GRAD_PREFIX = "grad."
 
@@ -47,16 +57,24 @@ def trace_gradients(
     target: str | None = None,
     target_ids: list[int] | None = None,
     position: int = -1,
+    positions: Positions = "all",
+    dtype: str = "float32",
 ) -> dict[str, torch.Tensor]:
-    """``grad.<site>.<layer>`` / ``grad.<site>`` [batch, seq, width] float32 for the traced sites.
+    """``grad.<site>.<layer>`` / ``grad.<site>`` [batch, k, width] in ``dtype`` for the traced
+    sites, at the kept ``positions`` exactly as :func:`tracing.trace` keeps them.
 
-    ``seq`` is the padded length of ``texts`` alone (as in :func:`tracing.trace`),
-    so each gradient lines up with the activation of the same name.
+    With all positions, k is the padded length of ``texts`` alone (as in ``trace``), so
+    each gradient lines up with the activation of the same name. The LM head runs only
+    at the positions that predict target tokens, and each gradient is cut, cast and
+    moved to the CPU on its own.
     """
+    if dtype not in DTYPES:
+        raise InvalidParameter("dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
     adapter = lm.adapter
     layer_ids = resolve_layers(adapter, layers)
     on_path = [s for s in resolve_sites(sites) if s in CAPTURABLE_SITES]
     batch = encode_texts(lm.tokenizer, texts, lm.device, lm.max_context)
+    index = position_index(batch.attention_mask, positions)
     ends = _resolve_positions(batch, position)
     targets = _target_tokens(lm, texts, batch, ends, target, target_ids)
     inputs, mask, target_at, target_tok, target_mask = _continued_batch(lm, batch, ends, targets)
@@ -64,9 +82,9 @@ def trace_gradients(
     with (
         torch.enable_grad(),
         record_sites(adapter, layer_ids, on_path, detach=False) as captured,
+        lm_head_at(adapter, target_at),
     ):
-        logits = lm.model(input_ids=inputs, attention_mask=mask, use_cache=False).logits
-        picked = logits.gather(1, target_at[..., None].expand(-1, -1, logits.shape[-1]))
+        picked = lm.model(input_ids=inputs, attention_mask=mask, use_cache=False).logits
         log_probs = torch.log_softmax(picked.float(), dim=-1).gather(-1, target_tok[..., None])
         total = (log_probs[..., 0] * target_mask).sum()
         names = [
@@ -74,17 +92,26 @@ def trace_gradients(
             for s in on_path
             for layer in (layer_ids if s in LAYER_SITES else [None])
         ]
-        grads = torch.autograd.grad(total, [captured[n] for n in names], allow_unused=True)
+        grads: list[torch.Tensor | None] = list(
+            torch.autograd.grad(total, [captured[n] for n in names], allow_unused=True)
+        )
+    del picked, log_probs, total
 
     seq = batch.input_ids.shape[1]
     shared = min(seq, inputs.shape[1])
     keep = (torch.arange(shared, device=lm.device)[None] <= ends[:, None]).float()[..., None]
+    out_dtype = DTYPES[dtype]
     result = {}
-    for name, grad in zip(names, grads, strict=True):
-        at_text = torch.zeros(len(texts), seq, captured[name].shape[-1])
+    for i, name in enumerate(names):
+        grad, grads[i] = grads[i], None
+        width = captured[name].shape[-1]
+        at_text = torch.zeros(len(texts), seq, width, device=keep.device)
         if grad is not None:
-            at_text[:, :shared] = (grad[:, :shared].float() * keep).cpu()
-        result[GRAD_PREFIX + name] = at_text
+            at_text[:, :shared] = grad[:, :shared].float() * keep.to(grad.device)
+        del grad
+        if index is not None:
+            at_text = select_positions(at_text, index)
+        result[GRAD_PREFIX + name] = returned(at_text, out_dtype)
     return result
 
 

@@ -5,7 +5,11 @@ config class with a few dozen hidden units and a local BPE tokenizer (with offse
 and saves both with ``save_pretrained`` so they load through the same path as a
 served model. The geometries are chosen to exercise the adapter: grouped-query
 attention, heads whose total width differs from the hidden size, parallel blocks,
-sandwich norms, sparse MoE blocks and output logit transforms.
+sandwich norms, sparse MoE blocks and output logit transforms. Gemma 4's has three
+layers, so that it has everything its real checkpoints have: heads twice as wide in
+its full-attention layers, which share one key/value head (``attention_k_eq_v``), a
+last layer that reuses an earlier one's keys and values and has a double-wide MLP,
+and per-layer input embeddings added at the end of every block.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 VOCAB_SIZE = 160
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -94,6 +104,26 @@ _CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "sliding_window": 4,
             "final_logit_softcapping": 3.0,
             "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "gemma4_text": (
+        "gemma4_text",
+        {
+            **_ROPE_GQA,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "global_head_dim": 32,
+            "num_global_key_value_heads": 1,
+            "attention_k_eq_v": True,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention", "full_attention"],
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": VOCAB_SIZE,
+            "num_kv_shared_layers": 1,
+            "use_double_wide_mlp": True,
+            "final_logit_softcapping": 3.0,
         },
     ),
     "phi": ("phi", {**_ROPE_GQA}),
@@ -218,13 +248,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(family: str, path: Path, *, seed: int = 0) -> Path:
-    """Save a random tiny ``family`` model and its tokenizer into ``path``; return ``path``."""
+def tiny_config(family: str) -> PretrainedConfig:
+    """The configuration :func:`build_tiny_model` builds ``family`` from."""
     if family not in _CONFIGS:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     model_type, overrides = _CONFIGS[family]
     tokenizer = build_tokenizer()
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         model_type,
         vocab_size=VOCAB_SIZE,
         pad_token_id=tokenizer.pad_token_id,
@@ -233,8 +263,25 @@ def build_tiny_model(family: str, path: Path, *, seed: int = 0) -> Path:
         initializer_range=0.1,
         **overrides,
     )
+
+
+def build_tiny_model(family: str, path: Path, *, seed: int = 0) -> Path:
+    """Save a random tiny ``family`` model and its tokenizer into ``path``; return ``path``."""
+    return save_random_model(tiny_config(family), build_tokenizer(), path, seed=seed)
+
+
+def save_random_model(
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Build ``config``'s causal LM with random weights in ``dtype`` and save it with
+    ``tokenizer`` (also what ``bench/shapes.py`` builds real shapes with)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

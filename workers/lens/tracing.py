@@ -163,6 +163,11 @@ def trace(
     positions are kept, ``positions`` [batch, k] int64, the position of each kept slot.
     ``logits.<layer>`` is that block's output through final norm, LM head and the
     model's logit transform (softcapping, scaling): for the last layer, ``final_logits``.
+
+    Memory scales with what is returned: sites are cut to the kept positions as they are
+    captured, the LM head runs only at those positions, and each layer's logits are
+    projected, cast to ``dtype`` and moved to the CPU before the next layer's are made,
+    so at most one layer's full-precision logits exist beside the result.
     """
     if dtype not in DTYPES:
         raise InvalidParameter("dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
@@ -176,22 +181,24 @@ def trace(
         captured.append("block_output")
     keep = None if index is None else (lambda t: select_positions(t, index))
     recorder = _Recorder(layer_ids, captured, True, keep)
+    out_dtype = DTYPES[dtype]
+    result: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        with recorder.attached(adapter):
+        with recorder.attached(adapter), lm_head_at(adapter, index):
             logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        final = returned(logits, torch.float32)
+        del logits
         store = recorder.captured
-        tensors: dict[str, torch.Tensor] = {}
         for site in site_names:
             for layer in layer_ids if site in LAYER_SITES else [None]:
                 name = SITES[site].tensor_name(layer)
                 if site == "logits":
-                    tensors[name] = adapter.unembed(store[f"block_output.{layer}"])
+                    tensor = adapter.unembed(store[f"block_output.{layer}"])
                 else:
-                    tensors[name] = store[name]
-        final = logits if keep is None else keep(logits)
-    out_dtype = DTYPES[dtype]
-    result = {k: v.to(out_dtype).cpu().contiguous() for k, v in tensors.items()}
-    result["final_logits"] = final.float().cpu().contiguous()
+                    tensor = store[name]
+                result[name] = returned(tensor, out_dtype)
+                del tensor  # so that one layer's logits exist at a time, not two
+    result["final_logits"] = final
     result["input_ids"] = batch.input_ids.cpu()
     result["attention_mask"] = batch.attention_mask.cpu()
     if index is not None:
@@ -204,6 +211,31 @@ def trace(
         "tokens": token_strings(lm.tokenizer, batch),
     }
     return AnalysisResult(tensors=result, summary=summary)
+
+
+def returned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a result holds it: ``dtype``, on the CPU, contiguous (no copy when it is)."""
+    return t.to(dtype).cpu().contiguous()
+
+
+@contextmanager
+def lm_head_at(adapter: ModelAdapter, index: torch.Tensor | None) -> Iterator[None]:
+    """Feed the LM head only the positions ``index`` [batch, k] (all when ``None``), so that
+    the model's logits are [batch, k, vocab] rather than a full [batch, seq, vocab] the
+    caller would cut. The model's logit transform is elementwise and still applies.
+    Enter it after any context whose LM head pre-hook must see every position."""
+    if index is None:
+        yield
+        return
+
+    def cut(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (select_positions(args[0], index), *args[1:])
+
+    handle = adapter.lm_head.register_forward_pre_hook(cut)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass

@@ -45,6 +45,7 @@ def test_describe_reports_the_geometry_of_a_gqa_model(
         "heads": 4,
         "kv_heads": 2,
         "head_dim": 16,
+        "head_dims": [16, 16],
         "hidden_size": 32,
         "vocab_size": 160,
         "block_kinds": ["sequential"],

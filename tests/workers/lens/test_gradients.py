@@ -9,7 +9,7 @@ from workers.lens.errors import InvalidParameter
 from workers.lens.gradients import trace_gradients
 from workers.lens.loading import LoadedModel, load_model
 from workers.lens.testing import build_tiny_model
-from workers.lens.tracing import trace
+from workers.lens.tracing import select_positions, trace
 
 TEXTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to"]
 TARGET = " Paris."
@@ -158,3 +158,21 @@ def test_works_when_the_caller_is_in_inference_mode(lm: LoadedModel) -> None:
     with torch.inference_mode():
         got = trace_gradients(lm, TEXTS, **kwargs)["grad.block_output.0"]
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kept_positions_and_dtype_are_the_full_gradients_cut_and_cast(
+    lm: LoadedModel, dtype: str
+) -> None:
+    kwargs = {"layers": [1], "sites": ["block_output", "lm_head_input"], "target": TARGET}
+    full = trace_gradients(lm, TEXTS, **kwargs)
+    kept = trace_gradients(lm, TEXTS, positions=[0, -2, -1], dtype=dtype, **kwargs)
+    index = trace(lm, TEXTS, positions=[0, -2, -1], layers=[0], sites=["block_input"]).tensors[
+        "positions"
+    ]
+    assert set(kept) == set(full)
+    for name, grad in full.items():
+        expected = select_positions(grad, index).to(getattr(torch, dtype))
+        assert kept[name].dtype == expected.dtype
+        torch.testing.assert_close(kept[name], expected, atol=1e-6, rtol=1e-5)
+    assert kept["grad.block_output.1"].abs().sum() > 0
