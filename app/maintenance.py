@@ -96,20 +96,40 @@ def _not_running(job: RunningJob, info: dict[str, Any]) -> bool:
     return job.since < float(holding.get("at", 0)) and job.job_id not in holding.get("jobs", [])
 
 
+SLOW_ANSWER_S = 0.5
+"""A Redis that takes longer than this (or a beat, if longer) to answer was away: the
+client retried until it came back."""
+
+
 class Reaper:
     """Reaps lost jobs, except just after a Redis outage: heartbeats could not be written
     during it, so live workers look dead until their next beat. Reaping resumes one
-    worker lifetime (3 beats) after the outage was noticed."""
+    worker lifetime (3 beats) after the outage was noticed: an error, an answer so slow
+    that the client must have retried meanwhile, or a round that came late (its caller
+    was held up in such retries). Nor does it reap while Redis has been up for less than
+    a worker lifetime (a restart loses the heartbeats, whose keys expire by then)."""
 
     def __init__(self, store: JobStore, settings: Settings) -> None:
         self.store, self.settings = store, settings
         self._resume_at = 0.0
+        self._last: float | None = None
 
     def outage(self) -> None:
         self._resume_at = time.monotonic() + self.settings.worker_ttl_s
 
     def __call__(self) -> list[str]:
-        if time.monotonic() < self._resume_at:
+        now, last, self._last = time.monotonic(), self._last, time.monotonic()
+        slow = max(SLOW_ANSWER_S, self.settings.heartbeat_s)
+        if last is not None and now - last > 2 * self.settings.heartbeat_s + slow:
+            self.outage()
+        if now < self._resume_at:
+            return []
+        asked = time.monotonic()
+        uptime = float(self.store.redis.info("server").get("uptime_in_seconds", 0))
+        if time.monotonic() - asked > slow:
+            self.outage()
+            return []
+        if uptime < self.settings.worker_ttl_s:
             return []
         return reap_lost_jobs(self.store, self.settings)
 
