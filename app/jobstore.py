@@ -587,30 +587,10 @@ class JobStore:
         the count if the quota is full. :meth:`create` then writes the record."""
         return int(cast(int, reserve_with(self.redis, owner, job_id, quota)))
 
-    def active_count(self, owner: str, quota: int | None = None, size: int | None = None) -> int:
-        """The owner's queued and running jobs. Every end of a job leaves the set in the
-        same script, so its size is the count (one SCARD, or ``size`` if the caller has
-        read it); once it reaches ``quota``, where a refusal is at stake, the set is
-        checked against the records and pruned of jobs that vanished without ending."""
-        if size is None:
-            size = cast(int, self.redis.scard(active_set(owner)))
-        if quota is None or size < quota:
-            return size
-        ids = [i.decode() for i in cast("set[bytes]", self.redis.smembers(active_set(owner)))]
-        if not ids:
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hget(job_key(job_id), "status")
-        statuses = pipe.execute()
-        ended = [
-            i
-            for i, s in zip(ids, statuses, strict=True)
-            if s is None or JobStatus(s.decode()).is_final
-        ]
-        if ended:
-            self.redis.srem(active_set(owner), *ended)
-        return len(ids) - len(ended)
+    def active_count(self, owner: str) -> int:
+        """The owner's queued and running jobs (every end of a job leaves the set in the
+        same script, so its size is the count; :meth:`reserve` prunes it at the quota)."""
+        return cast(int, self.redis.scard(active_set(owner)))
 
     def list_ids(self, owner: str, limit: int, offset: int = 0) -> list[str]:
         """The owner's job ids, newest first; expired records are pruned from the index."""

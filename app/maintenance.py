@@ -96,7 +96,7 @@ def _not_running(job: RunningJob, info: dict[str, Any]) -> bool:
     return job.since < float(holding.get("at", 0)) and job.job_id not in holding.get("jobs", [])
 
 
-SLOW_ANSWER_S = 0.5
+SLOW_ANSWER_S = 1.0
 """A Redis that takes longer than this (or a beat, if longer) to answer was away: the
 client retried until it came back."""
 
