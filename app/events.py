@@ -66,9 +66,6 @@ class EventHub:
 
         return release
 
-    def held(self, owner: str) -> int:
-        return self._held[owner]
-
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-hub")
 

@@ -397,15 +397,6 @@ def fit_rows(job: JobRequest, prompts: int) -> int | None:
     return None
 
 
-def prompts_of(job: JobRequest, tokens: Tokens) -> int:
-    """Prompts a gate fit draws its batches from."""
-    if isinstance(job, ChgJob):
-        return len(_examples(job, tokens))
-    if isinstance(job, CchgJob):
-        return len(_pairs(tokens, "retain"))
-    return 0
-
-
 _RESULT_ADVICE = {
     "score": "send fewer or shorter texts, or ask for final_token_only or top_k",
     "trace": "ask for fewer layers, sites, texts or positions (positions='last'), "
@@ -425,7 +416,7 @@ _MEMORY_ADVICE = {
 }
 
 
-def gib(n: int) -> str:
+def _gib(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
@@ -449,7 +440,7 @@ def check_cost(
     size = result_bytes(job, shape, tokens)
     if size > max_result_bytes:
         raise JobTooLarge(
-            f"the result would hold {size} bytes ({gib(size)}) of tensors, estimated from "
+            f"the result would hold {size} bytes ({_gib(size)}) of tensors, estimated from "
             f"the model's shape and {how}, over the limit max_result_bytes = "
             f"{max_result_bytes}: {_RESULT_ADVICE[job.kind]}"
         )
@@ -458,8 +449,8 @@ def check_cost(
     peak = peak_bytes(job, shape, tokens)
     if peak > max_memory_bytes:
         raise JobTooLarge(
-            f"the job would need about {gib(peak)} of memory at its peak, estimated from the "
-            f"model's shape and {how}, over the {gib(max_memory_bytes)} a job may use on this "
+            f"the job would need about {_gib(peak)} of memory at its peak, estimated from the "
+            f"model's shape and {how}, over the {_gib(max_memory_bytes)} a job may use on this "
             f"model (max_job_memory_bytes, or its device's memory less the model): "
             f"{_MEMORY_ADVICE[job.kind]}"
         )
