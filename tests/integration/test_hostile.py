@@ -299,7 +299,7 @@ def test_a_run_presumed_lost_cannot_touch_the_rerun(stack: Stack, a: httpx.Clien
     while a.get(f"/v1/models/{SPARE}").json()["resident"] != ["worker-0", "worker-1"]:
         assert time.monotonic() < deadline, "worker-1 did not start"
         time.sleep(0.2)
-    job_id = submit(a, SPARE, **CHG, num_updates=200, seed=7)
+    job_id = submit(a, SPARE, **CHG, num_updates=150, seed=7)
     poll(a, job_id, fitting, timeout=60)
     holder = redis.Redis.from_url(stack.settings.redis_url).hget(job_key(job_id), "worker")
     assert holder is not None
@@ -327,12 +327,12 @@ def test_a_run_presumed_lost_cannot_touch_the_rerun(stack: Stack, a: httpx.Clien
 
 def test_a_redis_restart_mid_job_leaves_nothing_running(stack: Stack, a: httpx.Client) -> None:
     assert stack.redis is not None
-    job_id = submit(a, **CHG, num_updates=300, seed=1)
+    job_id = submit(a, **CHG, num_updates=150, seed=1)
     poll(a, job_id, fitting, timeout=60)
     port, files = stack.redis.port, stack.redis.data_dir
     stack.redis.stop()
     try:
-        time.sleep(1.5)  # the worker's progress reports fail meanwhile
+        time.sleep(1.0)  # the worker's progress reports fail meanwhile
     finally:
         stack.redis = start_redis(files, port)
     back = time.monotonic()
@@ -346,6 +346,8 @@ def test_a_redis_restart_mid_job_leaves_nothing_running(stack: Stack, a: httpx.C
         time.sleep(0.1)
     doc = poll(a, job_id, final, timeout=90)
     assert doc["status"] == "succeeded" and doc["retries"] == 0, "its run outlived the restart"
+    log = (stack.settings.data_dir / "logs" / "worker-0.log").read_text()
+    assert f"job {job_id}: progress: Redis unavailable" in log, "it kept its progress meanwhile"
     conn = redis.Redis.from_url(stack.settings.redis_url)
     assert conn.hlen(RUNNING) == 0
     jobs = a.get("/v1/jobs").json()["jobs"]
