@@ -122,10 +122,11 @@ class Limits(BaseModel):
         "its model's device less the model (as its worker published them).",
     )
     max_streams_per_key: int = Field(
-        32,
+        64,
         ge=1,
         description="Open event streams plus held result requests (?wait=) per key, per API "
-        "process.",
+        "process (twice max_active_jobs_per_key by default: a client following each of its "
+        "jobs twice stays under it).",
     )
     max_datasets_per_key: int = Field(64, ge=1, description="Stored data sets per key.")
     max_dataset_bytes_per_key: int = Field(
