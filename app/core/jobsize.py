@@ -336,10 +336,12 @@ def _block_bytes(shape: ModelShape, rows: int, seq: int) -> int:
 
 
 def _graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
-    """What autograd keeps of a whole pass for a backward one (weights frozen): per block
-    and token, the inputs of the norms and projections, queries, keys, values, the
-    attention output and the MLP's activations."""
-    per_token = 8 * shape.hidden_size + 4 * shape.intermediate_size
+    """What autograd keeps of a whole pass for a backward one. The weights are frozen, so
+    a projection keeps nothing (its input's gradient needs only its weight); per block
+    and token: the inputs of the two norms, queries, keys, values and the attention's
+    output (about four hidden widths), the gated heads' input, and the MLP's activation
+    input and the two operands of its product (three MLP widths)."""
+    per_token = 7 * shape.hidden_size + 3 * shape.intermediate_size
     return shape.layers * rows * seq * per_token * shape.dtype_bytes
 
 
