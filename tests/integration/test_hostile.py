@@ -145,7 +145,7 @@ def test_an_estimate_over_a_limit_is_refused_before_any_compute(
     stack: Stack, a: httpx.Client
 ) -> None:
     """A trace of every site of 64 texts of ~120 tokens would hold ~40 MB; a fit of 64 ×
-    32 sequences of them would take ~0.5 GB: both over this stack's limits, and refused
+    32 sequences of them would take ~0.9 GB: both over this stack's limits, and refused
     from the model's published shape without reaching the queue."""
     text = " ".join(["red cat blue dog"] * 30)
     before = a.get("/v1/jobs").json()["jobs"]
