@@ -144,9 +144,9 @@ def test_each_unbounded_count_is_refused_at_submission(
 def test_an_estimate_over_a_limit_is_refused_before_any_compute(
     stack: Stack, a: httpx.Client
 ) -> None:
-    """A trace of every site of 64 texts of ~120 tokens would hold ~40 MB; a fit of 64 ×
-    32 sequences of them would take ~0.9 GB: both over this stack's limits, and refused
-    from the model's published shape without reaching the queue."""
+    """A trace of every site of 64 texts of ~120 tokens would hold ~40 MB; a fit of 32
+    masks × 32 of them at a time would take ~0.9 GB: both over this stack's limits, and
+    refused from the model's published shape without reaching the queue."""
     text = " ".join(["red cat blue dog"] * 30)
     before = a.get("/v1/jobs").json()["jobs"]
     r = a.post("/v1/jobs", json={"model": DEMO, "kind": "trace", "texts": [text] * 64})
