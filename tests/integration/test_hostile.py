@@ -299,7 +299,7 @@ def test_a_run_presumed_lost_cannot_touch_the_rerun(stack: Stack, a: httpx.Clien
     while a.get(f"/v1/models/{SPARE}").json()["resident"] != ["worker-0", "worker-1"]:
         assert time.monotonic() < deadline, "worker-1 did not start"
         time.sleep(0.2)
-    job_id = submit(a, SPARE, **CHG, num_updates=150, seed=7)
+    job_id = submit(a, SPARE, **CHG, num_updates=100, seed=7)
     poll(a, job_id, fitting, timeout=60)
     holder = redis.Redis.from_url(stack.settings.redis_url).hget(job_key(job_id), "worker")
     assert holder is not None
