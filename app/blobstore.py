@@ -2,6 +2,12 @@
 
 Paths come only from job ids that the server generated (validated here), never
 from user input.
+
+Each run of a job (an attempt: a job re-queued after its worker was lost runs again)
+writes its own file, ``<id>.safetensors`` for the first and ``<id>.<n>.safetensors``
+for attempt n, and the record names the attempt whose result counts. A run presumed
+lost that resumes and finishes later so never overwrites, nor deletes, the result of the
+run that replaced it.
 """
 
 from __future__ import annotations
@@ -68,20 +74,28 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def path(self, job_id: str) -> Path:
+    def path(self, job_id: str, attempt: int = 0) -> Path:
+        """The result file of the job's ``attempt``."""
         if not _JOB_ID.match(job_id):
             raise ValueError(f"not a job id: {job_id!r}")
-        return self.root / job_id[:2] / f"{job_id}.safetensors"
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+            raise ValueError(f"not an attempt: {attempt!r}")
+        suffix = f".{attempt}" if attempt else ""
+        return self.root / job_id[:2] / f"{job_id}{suffix}.safetensors"
 
-    def exists(self, job_id: str) -> bool:
-        return self.path(job_id).is_file()
+    def exists(self, job_id: str, attempt: int = 0) -> bool:
+        return self.path(job_id, attempt).is_file()
 
     def write(
-        self, job_id: str, tensors: Mapping[str, BlobTensor], metadata: Mapping[str, str]
+        self,
+        job_id: str,
+        tensors: Mapping[str, BlobTensor],
+        metadata: Mapping[str, str],
+        attempt: int = 0,
     ) -> Path:
-        """Write the job's safetensors file: to a temporary file beside the final one,
-        then renamed, so a reader sees the whole file or none."""
-        final = self.path(job_id)
+        """Write the result file of the job's ``attempt``: to a temporary file beside the
+        final one, then renamed, so a reader sees the whole file or none."""
+        final = self.path(job_id, attempt)
         final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # mkstemp's file is 0600, and stays so once renamed: results are their key's alone.
         fd, temp = tempfile.mkstemp(prefix=f".{job_id}.", suffix=".tmp", dir=final.parent)
@@ -94,8 +108,13 @@ class BlobStore:
             raise
         return final
 
-    def delete(self, job_id: str) -> None:
-        self.path(job_id).unlink(missing_ok=True)
+    def delete(self, job_id: str, attempt: int = 0) -> None:
+        self.path(job_id, attempt).unlink(missing_ok=True)
+
+
+def job_of(name: str) -> str:
+    """The job id of a result file's name (``<id>.safetensors``, ``<id>.<n>.safetensors``)."""
+    return name.split(".", 1)[0]
 
 
 def blob_metadata(

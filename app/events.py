@@ -5,6 +5,7 @@ pool (and a Redis connection) while its job ran; forty clients waiting on their 
 took every thread, and the API stopped answering anything else until a keep-alive
 freed one. Here one task subscribes to every job's channel and hands each message
 to the streams that follow that job, as asyncio queues: a waiting client costs a queue.
+Each key may hold a bounded number of them open at once (:meth:`EventHub.hold`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import redis
@@ -33,6 +34,10 @@ _CHANNELS = events_channel("*")
 _PREFIX = events_channel("")
 
 
+class TooManyStreams(Exception):
+    """A key already holds as many streams and waiting requests as it may."""
+
+
 class EventHub:
     """Every job's events from one pattern subscription, dispatched by job id."""
 
@@ -41,6 +46,26 @@ class EventHub:
         self._inboxes: defaultdict[str, set[asyncio.Queue[bytes]]] = defaultdict(set)
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._held: Counter[str] = Counter()
+
+    def hold(self, owner: str, cap: int) -> Callable[[], None]:
+        """A place for one more open stream or waiting request of ``owner`` (at most
+        ``cap`` in this process), or TooManyStreams; call what it returns to give the
+        place back (once; further calls do nothing)."""
+        if self._held[owner] >= cap:
+            raise TooManyStreams(owner)
+        self._held[owner] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._held[owner] -= 1
+                if self._held[owner] <= 0:
+                    del self._held[owner]
+
+        return release
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-hub")

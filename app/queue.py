@@ -1,6 +1,14 @@
 """RQ queues (one per served model, JSON serializer) and the workers' presence in Redis.
 
 The API enqueues by dotted path, so it never imports the code that runs jobs.
+
+Queues are fair between keys. Workers take jobs from the head of a model's list (RQ's
+own pop, and the claim of a shared score or trace pass), so fairness lives in the
+list's order: a job is inserted, atomically, where its key's turn comes. Counting each
+key's jobs ahead of it (running on that model, then queued), a job of a key with n such
+jobs goes behind every job whose key has at most n jobs ahead of that one: at the end
+of round n of a round robin over keys. A key's next job so waits behind at most one job
+of each other key, however many that key has queued.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.jobstore import PREFIX
+from app.jobstore import PREFIX, RUNNING, job_key
 
 RUN_JOB = "workers.tasks.run_job"
 MODELS_KEY = f"{PREFIX}:models"
@@ -32,11 +40,63 @@ def queue_key(model: str) -> str:
     return Queue.redis_queue_namespace_prefix + queue_name(model)
 
 
+# KEYS[1] = the queue's list, KEYS[2] = the running index; ARGV[1] = job id, ARGV[2] =
+# record key prefix, ARGV[3] = model. Inserts the job at its key's turn (see the module's
+# docstring) and returns its position. One HGET per queued job: a few milliseconds for
+# thousands of queued jobs.
+_FAIR_PUSH = """
+local function owner_of(id) return redis.call('HGET', ARGV[2] .. id, 'owner') or '' end
+local owner = owner_of(ARGV[1])
+local ahead = {}
+for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do
+  local entry = cjson.decode(raw)
+  if entry.model == ARGV[3] and entry.owner then
+    ahead[entry.owner] = (ahead[entry.owner] or 0) + 1
+  end
+end
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+local owners, round, last = {}, ahead[owner] or 0, 0
+for i, id in ipairs(ids) do
+  owners[i] = owner_of(id)
+  if owners[i] == owner then
+    round = round + 1
+    last = i
+  end
+end
+for i, id in ipairs(ids) do
+  local turn = ahead[owners[i]] or 0
+  ahead[owners[i]] = turn + 1
+  if i > last and turn > round then
+    redis.call('LINSERT', KEYS[1], 'BEFORE', id, ARGV[1])
+    return i - 1
+  end
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+return #ids
+"""
+
+
+class FairQueue(Queue):
+    """An RQ queue whose pushes insert each job at its key's turn; pops are RQ's own."""
+
+    def push_job_id(
+        self, job_id: str, pipeline: redis.client.Pipeline | None = None, at_front: bool = False
+    ) -> None:
+        if at_front:
+            super().push_job_id(job_id, pipeline=pipeline, at_front=True)
+            return
+        # EVAL, not a registered script: in a pipeline, redis-py would ask whether the
+        # script is loaded first, one more round trip per submission (Redis caches it).
+        client = pipeline if pipeline is not None else self.connection
+        model = self.name.removeprefix(queue_name(""))
+        client.eval(_FAIR_PUSH, 2, self.key, RUNNING, job_id, job_key(""), model)
+
+
 @lru_cache(maxsize=1024)
 def model_queue(connection: redis.Redis, model: str) -> Queue:
     """The model's RQ queue on ``connection``; made once (RQ resolves its serializer at
     every construction, a tenth of a submission's time)."""
-    return Queue(queue_name(model), connection=connection, serializer=JSONSerializer)
+    return FairQueue(queue_name(model), connection=connection, serializer=JSONSerializer)
 
 
 def enqueue(
@@ -70,7 +130,7 @@ def submitting_key(model: str, kind: str) -> str:
 class Submission:
     """A submission of ``kind`` for ``model``, counted as in flight from :meth:`open_with` until
     it is queued (:meth:`done_with`, in the queueing transaction) or given up
-    (:meth:`abandon`), so that a worker about to run a batchable job knows companions are
+    (:meth:`abandon_with`), so that a worker about to run a batchable job knows companions are
     on their way. The count goes down as the job lands: a worker that takes the job must
     not wait for the job's own submission. Opened with the asyncio client, from the
     request's handler at once (a thread-pool trip could be queued behind the burst)."""
@@ -96,11 +156,14 @@ class Submission:
         """The pipeline given to :meth:`done_with` ran: the count is already down."""
         self._open = False
 
-    async def abandon(self, connection: redis.asyncio.Redis) -> None:
-        """The submission failed before being queued: its count goes down."""
-        if self._open:
-            self._open = False
-            await connection.decr(self._key)
+    def abandon_with(self, pipeline: redis.asyncio.client.Pipeline) -> bool:
+        """The submission failed before being queued: its count goes down as part of
+        ``pipeline``; False (and nothing added) if it is not counted."""
+        if not self._open:
+            return False
+        self._open = False
+        pipeline.decr(self._key)
+        return True
 
 
 def submissions_in_flight(connection: redis.Redis, model: str, kind: str) -> int:
@@ -140,31 +203,50 @@ def drop(connection: redis.Redis, model: str, job_id: str) -> None:
         Job.fetch(job_id, connection=connection, serializer=JSONSerializer).delete()
 
 
+WORKERS_KEY = f"{PREFIX}:workers"
+"""Every worker that has beaten, with the time its beat expires (Redis' clock, in ms): an
+index of the heartbeat keys, so that finding the live workers never scans the keyspace."""
+WORKERS_FORGET_MS = 24 * 3600 * 1000
+"""A worker silent this long leaves the index (a dead one is already told by its key)."""
+
+
 def worker_key(worker: str) -> str:
     return f"{PREFIX}:worker:{worker}"
 
 
+# KEYS[1] = the worker's key, KEYS[2] = the index; ARGV[1] = name, ARGV[2] = info,
+# ARGV[3] = TTL (ms), ARGV[4] = how long a silent worker stays indexed (ms).
+_BEAT = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], ms + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms - tonumber(ARGV[4]))
+return 1
+"""
+
+
 def heartbeat(connection: redis.Redis, worker: str, info: dict[str, Any], ttl_s: float) -> None:
     """Refresh a worker's presence; it vanishes ``ttl_s`` after the last beat."""
-    connection.set(worker_key(worker), json.dumps(info), px=int(ttl_s * 1000))
+    args: list[str | int] = [worker, json.dumps(info), int(ttl_s * 1000), WORKERS_FORGET_MS]
+    connection.register_script(_BEAT)(keys=[worker_key(worker), WORKERS_KEY], args=args)
 
 
 def remove_worker(connection: redis.Redis, worker: str) -> None:
-    connection.delete(worker_key(worker))
+    pipe = connection.pipeline(transaction=False)
+    pipe.delete(worker_key(worker))
+    pipe.zrem(WORKERS_KEY, worker)
+    pipe.execute()
 
 
 def live_workers(connection: redis.Redis) -> dict[str, dict[str, Any]]:
-    """Workers whose heartbeat has not expired, with what they reported."""
-    keys = list(connection.scan_iter(match=worker_key("*"), count=100))
-    if not keys:
+    """Workers whose heartbeat has not expired, with what they reported: the index's
+    names, then their keys (one round trip each, whatever the keyspace holds)."""
+    names = [n.decode() for n in cast("list[bytes]", connection.zrange(WORKERS_KEY, 0, -1))]
+    if not names:
         return {}
-    values = connection.mget(keys)
-    prefix = len(worker_key(""))
-    return {
-        k.decode()[prefix:]: json.loads(v)
-        for k, v in zip(keys, values, strict=True)
-        if v is not None
-    }
+    values = cast("list[bytes | None]", connection.mget([worker_key(n) for n in names]))
+    return {n: json.loads(v) for n, v in zip(names, values, strict=True) if v is not None}
 
 
 def publish_model_info(connection: redis.Redis, name: str, info: dict[str, Any]) -> None:

@@ -416,10 +416,15 @@ class ModelInfo(BaseModel):
         None, description="Head width of each layer (Gemma 4 widens its full-attention heads)."
     )
     hidden_size: int | None = None
+    intermediate_size: int | None = Field(None, description="Width of the MLP's activations.")
     vocab_size: int | None = None
     max_context: int | None = None
     dtype: str | None = None
     device: str | None = None
+    model_bytes: int | None = Field(None, description="Bytes of its weights and buffers.")
+    device_memory_bytes: int | None = Field(
+        None, description="Memory of the device it runs on (a GPU's, or the host's on the CPU)."
+    )
     resident: list[str] = Field(default_factory=list, description="Workers holding it loaded.")
     worker_threads: dict[str, int] = Field(
         default_factory=dict,

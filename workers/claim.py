@@ -105,9 +105,10 @@ class Claimer:
     def check_tokens(
         self, lm: LoadedModel, job: JobRequest, prepared: batcher.Prepared | None
     ) -> None:
-        """The operator's token limits; a prepared job's texts are counted from its batch."""
+        """The operator's token limits, and the job's size estimated from its token counts,
+        before any compute; a prepared job's texts are counted from its batch."""
         counted = {"texts": prepared.batch.lengths.tolist()} if prepared is not None else None
-        limits.check_tokens(job, lm.tokenizer, self.limits, self.dataset_dir, counted)
+        limits.check_job(job, lm, self.limits, self.dataset_dir, counted)
 
     def await_submissions(
         self, spec: ModelSpec, doc: JobDocument, leader: batcher.Prepared

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import redis
 import torch
 from safetensors import safe_open
 
@@ -16,6 +20,25 @@ from app.schemas import JobProgress
 from workers.lens.errors import Cancelled, InvalidParameter
 from workers.lens.loading import LoadedModel
 from workers.lens.results import Progress
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_FIRST_S = 0.1
+RETRY_MAX_S = 5.0
+
+
+def until_redis_answers(write: Callable[[], T], what: str) -> T:
+    """``write``, tried again until Redis answers: a job's progress and outcome are kept,
+    not lost, while Redis is down or restarting (a job left ``running`` under a live
+    worker would never end). Errors other than Redis being unreachable go up."""
+    delay = RETRY_FIRST_S
+    while True:
+        try:
+            return write()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("%s: Redis unavailable (%s); trying again in %.1f s", what, exc, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_S)
 
 
 @dataclass
@@ -35,8 +58,12 @@ class JobContext:
         progress = JobProgress(
             stage=report.stage, step=report.step, total=report.total, loss=report.loss
         )
-        if self.store.report_progress(self.job_id, progress):
-            raise Cancelled(f"job {self.job_id} was cancelled")
+        stop = until_redis_answers(
+            lambda: self.store.report_progress(self.job_id, progress),
+            f"job {self.job_id}: progress",
+        )
+        if stop:
+            raise Cancelled(f"job {self.job_id} was cancelled (or is no longer this worker's)")
         if self.between_steps is not None:
             self.between_steps()
 
@@ -51,8 +78,10 @@ class JobContext:
     def job_tensors(
         self, field: str, job_id: str, names: tuple[str, ...]
     ) -> dict[str, torch.Tensor]:
-        """Tensors of an earlier job's result (the API checked owner, kind and model)."""
-        path = BlobStore(self.blob_dir).path(job_id)
+        """Tensors of an earlier job's result (the API checked owner, kind and model),
+        from the file of the attempt its record names."""
+        record = self.store.get(job_id)
+        path = BlobStore(self.blob_dir).path(job_id, record.attempts if record else 0)
         if not path.is_file():
             raise InvalidParameter(field, f"the result of job {job_id!r} is gone (expired?)")
         with safe_open(path, framework="pt") as f:

@@ -15,15 +15,19 @@ import logging
 import resource
 from collections.abc import Iterable
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from app.core import jobsize
 from app.core.config import Limits, Settings
 from app.core.jobsize import describe_size, text_fields
-from app.schemas import JobRequest
+from app.schemas import JobRequest, ModelInfo
 from workers.lens.errors import InvalidParameter, LensError
 from workers.lens.loading import LoadedModel
+from workers.registry import describe
 
 log = logging.getLogger(__name__)
 
@@ -34,38 +38,109 @@ class LimitExceeded(LensError):
     """A job is within the API's limits but its result would exceed the operator's."""
 
 
+TOKENIZE_CHUNK_CHARS = 1 << 20
+"""Texts are tokenised about this many characters at a time, so that a job far over the
+token limits is refused after its first chunk, not after all of it."""
+
+
+def check_job(
+    job: JobRequest,
+    lm: LoadedModel,
+    limits: Limits,
+    dataset_dir: Path,
+    counted: dict[str, list[int]] | None = None,
+) -> None:
+    """Everything a worker checks before it computes anything: the token limits
+    (:func:`check_tokens`), then the result's size and the peak memory, estimated from
+    the real token counts (as the API did from guessed ones). Raises InvalidParameter or
+    LimitExceeded."""
+    tokens = check_tokens(job, lm.tokenizer, limits, dataset_dir, counted)
+    shape = model_shape(lm)
+    if shape is None:
+        return
+    try:
+        jobsize.check_cost(
+            job,
+            shape,
+            tokens,
+            max_result_bytes=limits.max_result_bytes,
+            max_memory_bytes=jobsize.memory_limit(shape, limits.max_job_memory_bytes),
+            guessed=False,
+        )
+    except jobsize.JobTooLarge as exc:
+        raise LimitExceeded(str(exc)) from None
+
+
+_SHAPES: WeakKeyDictionary[nn.Module, jobsize.ModelShape | None] = WeakKeyDictionary()
+
+
+def model_shape(lm: LoadedModel) -> jobsize.ModelShape | None:
+    """The shape the API sizes jobs by (what the worker published), once per model."""
+    if lm.model not in _SHAPES:
+        _SHAPES[lm.model] = jobsize.ModelShape.of(ModelInfo.model_validate(describe("", lm)))
+    return _SHAPES[lm.model]
+
+
 def check_tokens(
     job: JobRequest,
     tokenizer: PreTrainedTokenizerBase,
     limits: Limits,
     dataset_dir: Path,
     counted: dict[str, list[int]] | None = None,
-) -> None:
+) -> dict[str, list[int]]:
     """Tokens per text and per job, each text tokenised on its own as the model sees it
     (special tokens included); data sets are counted too. ``counted`` gives the token
     counts of fields already tokenised (a batch's lengths), which are not tokenised again.
-    Raises InvalidParameter."""
+    Returns the counts by field (:data:`app.core.jobsize.Tokens`); raises
+    InvalidParameter, as soon as a chunk of texts shows the job is over a limit."""
     total = 0
+    found: dict[str, list[int]] = {}
     for field, texts in _all_texts(job, dataset_dir):
         if not texts:
             continue
-        counts = (counted or {}).get(field) or [
-            len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]
-        ]
-        longest = max(counts)
-        if longest > limits.max_tokens_per_text:
-            raise InvalidParameter(
-                field,
-                f"a text of {longest} tokens exceeds the limit max_tokens_per_text = "
-                f"{limits.max_tokens_per_text}",
-            )
-        total += sum(counts)
+        counts = (counted or {}).get(field)
+        if counts:
+            total = _count(field, counts, total, limits)
+        else:
+            counts = []
+            for chunk in _chunks(texts):
+                ids = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+                counts += [len(i) for i in ids]
+                total = _count(field, counts[-len(chunk) :], total, limits)
+        found[field] = list(counts)
+    return found
+
+
+def _count(field: str, counts: list[int], total: int, limits: Limits) -> int:
+    longest = max(counts)
+    if longest > limits.max_tokens_per_text:
+        raise InvalidParameter(
+            field,
+            f"a text of {longest} tokens exceeds the limit max_tokens_per_text = "
+            f"{limits.max_tokens_per_text}",
+        )
+    total += sum(counts)
     if total > limits.max_tokens_per_job:
         raise InvalidParameter(
             "texts",
             f"{total} tokens in all exceed the limit max_tokens_per_job = "
             f"{limits.max_tokens_per_job}",
         )
+    return total
+
+
+def _chunks(texts: list[str]) -> Iterable[list[str]]:
+    """Runs of texts of about ``TOKENIZE_CHUNK_CHARS`` characters (one text at least)."""
+    chunk: list[str] = []
+    size = 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= TOKENIZE_CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _all_texts(job: JobRequest, dataset_dir: Path) -> Iterable[tuple[str, list[str]]]:

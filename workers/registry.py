@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -151,7 +152,8 @@ def _checkpoint_bytes(spec: ModelSpec) -> int:
 
 
 def describe(name: str, lm: LoadedModel) -> dict[str, Any]:
-    """What GET /v1/models reports about a loaded model (ModelInfo's fields)."""
+    """What GET /v1/models reports about a loaded model (ModelInfo's fields): with the
+    MLP's width, the model's bytes and its device's memory, what the API sizes jobs by."""
     return {
         **lm.adapter.describe(),
         "name": name,
@@ -159,4 +161,32 @@ def describe(name: str, lm: LoadedModel) -> dict[str, Any]:
         "max_context": lm.max_context,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": ", ".join(lm.placement) if lm.spread else str(lm.device),
+        "intermediate_size": intermediate_size(lm),
+        "model_bytes": model_bytes(lm),
+        "device_memory_bytes": device_memory(lm.device),
     }
+
+
+_MLP_WIDTHS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+
+
+def intermediate_size(lm: LoadedModel) -> int | None:
+    """The MLP's hidden width from the config (a sparse MoE: one expert's), if it says."""
+    config = lm.model.config.get_text_config()
+    for name in _MLP_WIDTHS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def device_memory(device: torch.device) -> int | None:
+    """A GPU's memory, or the host's for the CPU (Linux); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError):
+            return None
+    return None

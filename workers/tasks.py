@@ -30,7 +30,7 @@ from app.jobstore import JobStore
 from app.schemas import JobDocument, JobError, JobKind, JobStatus, TensorInfo
 from workers import batcher, limits
 from workers.claim import SHORT_KINDS, Claimer, Member, parse, prepare
-from workers.context import JobContext
+from workers.context import JobContext, until_redis_answers
 from workers.fit_pauses import FIT_KINDS, FitPauses
 from workers.handlers import HANDLERS
 from workers.lens.errors import Cancelled, InvalidParameter, LensError
@@ -84,10 +84,15 @@ def install(runtime: Runtime) -> None:
 
 
 def stats() -> dict[str, Any]:
-    """What the heartbeat exports: ``batching`` (BatchStats) and ``registry`` (its stats())."""
+    """What the heartbeat exports: ``batching`` (BatchStats), ``registry`` (its stats())
+    and ``holding`` (the jobs this worker runs, for the reaper)."""
     if _runtime is None:
         return {}
-    return {"batching": asdict(_runtime.batching), "registry": _runtime.registry.stats()}
+    return {
+        "batching": asdict(_runtime.batching),
+        "registry": _runtime.registry.stats(),
+        "holding": _runtime.store.holding(),
+    }
 
 
 def run_job(job_id: str) -> None:
@@ -136,7 +141,10 @@ def run_job(job_id: str) -> None:
         _deliver(rt, doc, result)
         return
     except Cancelled:
-        rt.store.finish(job_id, JobStatus.CANCELLED, ttl_s=rt.result_ttl_s)
+        until_redis_answers(
+            lambda: rt.store.finish(job_id, JobStatus.CANCELLED, ttl_s=rt.result_ttl_s),
+            f"job {job_id}: cancelled",
+        )
         log.info("job %s: cancelled", job_id)
     except BaseException as exc:
         _fail(rt, job_id, exc)
@@ -210,21 +218,27 @@ def _run_shared(rt: Runtime, lm: LoadedModel, members: list[Member]) -> None:
 
 
 def _deliver(rt: Runtime, doc: JobDocument, result: AnalysisResult) -> None:
-    """Write the blob atomically, then mark the job succeeded (or drop the blob if it
-    ended meanwhile)."""
+    """Write this attempt's blob atomically, then mark the job succeeded, retrying while
+    Redis is away; if the job ended meanwhile or is no longer this attempt's, drop this
+    attempt's blob (never another's)."""
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in result.tensors.items()}
     limits.check_result_size(tensors, rt.limits)
     meta = blob_metadata(
         job_id=doc.id, kind=doc.kind, model=doc.model, params=doc.params, summary=result.summary
     )
     blob = {name: blob_tensor(t) for name, t in tensors.items()}
-    rt.blobs.write(doc.id, blob, meta)
+    rt.blobs.write(doc.id, blob, meta, attempt=doc.retries)
     info = {k: TensorInfo(dtype=v.dtype, shape=list(v.shape)) for k, v in blob.items()}
-    if not rt.store.finish(
-        doc.id, JobStatus.SUCCEEDED, summary=result.summary, tensors=info, ttl_s=rt.result_ttl_s
+    if until_redis_answers(
+        lambda: rt.store.finish(
+            doc.id, JobStatus.SUCCEEDED, summary=result.summary, tensors=info, ttl_s=rt.result_ttl_s
+        ),
+        f"job {doc.id}: succeeded",
     ):
-        rt.blobs.delete(doc.id)
-    log.info("job %s: succeeded", doc.id)
+        log.info("job %s: succeeded", doc.id)
+        return
+    rt.blobs.delete(doc.id, attempt=doc.retries)
+    log.warning("job %s: finished, but it had ended or been given to another run", doc.id)
 
 
 def blob_tensor(tensor: torch.Tensor) -> BlobTensor:
@@ -235,8 +249,9 @@ def blob_tensor(tensor: torch.Tensor) -> BlobTensor:
 
 
 def _fail(rt: Runtime, job_id: str, exc: BaseException) -> None:
+    """Record the job's failure, retrying while Redis is away."""
     if limits.is_out_of_memory(exc):
-        record = rt.store.get(job_id)
+        record = until_redis_answers(lambda: rt.store.get(job_id), f"job {job_id}: failure")
         kind, params = (record.document.kind, record.document.params) if record else ("job", {})
         error = JobError(
             type="OutOfMemory", message=limits.out_of_memory_message(kind, params, exc)
@@ -248,7 +263,10 @@ def _fail(rt: Runtime, job_id: str, exc: BaseException) -> None:
     else:
         error = JobError(type=type(exc).__name__, message=str(exc) or repr(exc))
         log.error("job %s: unexpected error\n%s", job_id, traceback.format_exc())
-    rt.store.finish(job_id, JobStatus.FAILED, error=error, ttl_s=rt.result_ttl_s)
+    until_redis_answers(
+        lambda: rt.store.finish(job_id, JobStatus.FAILED, error=error, ttl_s=rt.result_ttl_s),
+        f"job {job_id}: failure",
+    )
     log.info("job %s: failed: %s: %s", job_id, error.type, error.message)
 
 

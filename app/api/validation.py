@@ -9,8 +9,9 @@ from typing import Any
 from fastapi import HTTPException, status
 
 from app.api.errors import field_error
+from app.core import jobsize
 from app.core.config import Limits
-from app.core.jobsize import pattern_samples, text_fields
+from app.core.jobsize import DatasetSize, pattern_samples, text_fields
 from app.jobstore import JobStore
 from app.schemas import (
     AblateJob,
@@ -52,7 +53,20 @@ def check_limits(job: Request, limits: Limits) -> None:
     samples = pattern_samples(job)
     if samples is not None and samples > limits.max_texts:
         raise invalid("num_samples", f"{samples} exceeds the limit max_texts = {limits.max_texts}")
+    if isinstance(job, ScoreJob) and job.top_k is not None and job.top_k > limits.max_top_k:
+        raise invalid("top_k", f"{job.top_k} exceeds the limit max_top_k = {limits.max_top_k}")
+    if isinstance(job, TraceJob):
+        _check_trace_counts(job, limits)
+    if isinstance(job, ChgJob) and job.gradient_accum_steps > limits.max_gradient_accum_steps:
+        raise invalid(
+            "gradient_accum_steps",
+            f"{job.gradient_accum_steps} exceeds the limit max_gradient_accum_steps = "
+            f"{limits.max_gradient_accum_steps}",
+        )
     if isinstance(job, ChgJob | CchgJob):
+        seed = job.seed
+        if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+            raise invalid("seed", f"must lie in [{SEED_MIN}, {SEED_MAX}], got {seed}")
         if job.num_masks > limits.max_masks:
             raise invalid(
                 "num_masks", f"{job.num_masks} exceeds the limit max_masks = {limits.max_masks}"
@@ -72,11 +86,111 @@ def check_limits(job: Request, limits: Limits) -> None:
             )
 
 
-def check_dataset_rows(field: str, rows: int, limits: Limits) -> None:
-    if rows > limits.max_texts:
-        raise too_large(
-            f"{field}: the data set has {rows} rows, over the limit max_texts = {limits.max_texts}"
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds torch's generators take."""
+
+
+def _check_trace_counts(job: TraceJob, limits: Limits) -> None:
+    """Lists that size a trace, each bounded by the tokens a text may have: positions and
+    gradient target ids; layers, sites and positions must not repeat."""
+    cap = limits.max_tokens_per_text
+    if isinstance(job.positions, list):
+        _check_indices("positions", job.positions, cap, "max_tokens_per_text", signed=True)
+    if job.layers is not None:
+        _check_indices("layers", job.layers, None, "", signed=False)
+    if job.sites is not None and len(set(job.sites)) != len(job.sites):
+        raise invalid("sites", "must not repeat a site")
+    grads = job.gradients
+    if grads is None:
+        return
+    if abs(grads.position) >= cap:
+        raise invalid(
+            "gradients.position",
+            f"{grads.position} is beyond any text: the limit max_tokens_per_text is {cap}",
         )
+    ids = grads.target_ids or []
+    if len(ids) > cap:
+        raise invalid(
+            "gradients.target_ids",
+            f"{len(ids)} ids exceed the limit max_tokens_per_text = {cap}",
+        )
+    if any(not 0 <= i < 2**63 for i in ids):
+        raise invalid("gradients.target_ids", "token ids are integers ≥ 0")
+
+
+def _check_indices(
+    field: str, values: list[int], cap: int | None, limit: str, *, signed: bool
+) -> None:
+    if len(set(values)) != len(values):
+        raise invalid(field, f"must not repeat a {field.rstrip('s')}")
+    if not signed and any(v < 0 for v in values):
+        raise invalid(field, "indices are integers ≥ 0")
+    if cap is None:
+        return
+    if len(values) > cap:
+        raise invalid(field, f"{len(values)} {field} exceed the limit {limit} = {cap}")
+    if any(not -cap <= v < cap for v in values):
+        raise invalid(field, f"every position lies in [-{cap}, {cap - 1}] ({limit} = {cap})")
+
+
+def check_dataset(field: str, size: DatasetSize, limits: Limits) -> None:
+    """A data set against today's limits (the operator may have lowered them since)."""
+    if size.rows > limits.max_texts:
+        raise too_large(
+            f"{field}: the data set has {size.rows} rows, over the limit max_texts = "
+            f"{limits.max_texts}"
+        )
+    if size.longest_chars > limits.max_text_chars:
+        raise too_large(
+            f"{field}: a row of {size.longest_chars} characters exceeds the limit "
+            f"max_text_chars = {limits.max_text_chars}"
+        )
+
+
+def check_fit_rows(job: Request, datasets: dict[str, DatasetSize], limits: Limits) -> None:
+    """Rows a gate fit plans up front (updates × accumulation × batch), as a list and a
+    tensor, before its first step."""
+    if isinstance(job, ChgJob):
+        prompts = job.num_samples if job.pattern is not None else len(job.texts or [])
+        prompts = datasets["dataset"].rows if "dataset" in datasets else prompts
+    elif isinstance(job, CchgJob):
+        retain = datasets.get("retain_dataset")
+        prompts = retain.rows if retain is not None else len(job.retain_texts or [])
+    else:
+        return
+    rows = jobsize.fit_rows(job, prompts)
+    if rows is not None and rows > limits.max_fit_rows:
+        accum = getattr(job, "gradient_accum_steps", 1)
+        raise invalid(
+            "num_updates",
+            f"the fit would draw {rows} prompt rows (updates × gradient_accum_steps "
+            f"{accum} × min(batch_size, prompts)), over the limit max_fit_rows = "
+            f"{limits.max_fit_rows}: lower num_updates, gradient_accum_steps or batch_size",
+        )
+
+
+def check_cost(
+    job: Request, info: ModelInfo, limits: Limits, datasets: dict[str, DatasetSize]
+) -> None:
+    """The result's size and the job's peak memory, estimated from the model's shape with
+    tokens guessed from the texts' bytes (413 naming the estimate and what to lower); the
+    worker estimates again from the real token counts before it computes anything."""
+    shape = jobsize.ModelShape.of(info)
+    if shape is None:
+        return
+    cap = min(limits.max_tokens_per_text, shape.max_context or limits.max_tokens_per_text)
+    tokens = jobsize.guessed_tokens(job, cap, datasets)
+    try:
+        jobsize.check_cost(
+            job,
+            shape,
+            tokens,
+            max_result_bytes=limits.max_result_bytes,
+            max_memory_bytes=jobsize.memory_limit(shape, limits.max_job_memory_bytes),
+            guessed=True,
+        )
+    except jobsize.JobTooLarge as exc:
+        raise too_large(str(exc)) from None
 
 
 def check_shape(job: Request, info: ModelInfo) -> None:
@@ -102,8 +216,6 @@ def check_shape(job: Request, info: ModelInfo) -> None:
             raise invalid(
                 "layers", f"{bad} out of range: model {info.name!r} has layers 0..{layers - 1}"
             )
-        if len(set(job.layers)) != len(job.layers):
-            raise invalid("layers", "must not repeat a layer")
     mask_field = {"head_mask": "head_mask", "facilitating_mask": "facilitating_mask"}
     for field in mask_field:
         mask = getattr(job, field, None)
@@ -133,8 +245,7 @@ def check_source_job(job: Request, owner: str, store: JobStore) -> None:
 
 
 def dataset_fields(job: Request) -> dict[str, str]:
-    names = ("dataset", "retain_dataset", "forget_dataset")
-    return {n: v for n in names if (v := getattr(job, n, None)) is not None}
+    return {n: v for n in jobsize.DATASET_FIELDS if (v := getattr(job, n, None)) is not None}
 
 
 def public_params(job: Request) -> dict[str, Any]:

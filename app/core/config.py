@@ -90,10 +90,11 @@ class ModelSpec(BaseModel):
 class Limits(BaseModel):
     """Operator limits; each one reported by name in the error that enforces it.
 
-    The API checks what it can count without a tokenizer (413 or 422 at submission);
-    token counts and result sizes are checked by the worker, which has the tokenizer and
-    the tensors, and fail the job (InvalidParameter, LimitExceeded) before any compute or
-    before anything is written.
+    The API checks what it can count without a tokenizer (413 or 422 at submission),
+    and estimates the result's size and the peak memory from the model's published shape
+    with tokens guessed from the texts' bytes (413). The worker, which has the tokenizer,
+    counts the tokens and estimates again, exactly, before any compute; it checks the
+    result's tensors once more before anything is written (InvalidParameter, LimitExceeded).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -113,6 +114,33 @@ class Limits(BaseModel):
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="A request body.")
     max_dataset_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="An uploaded data set.")
     max_active_jobs_per_key: int = Field(32, ge=1, description="Queued + running jobs per key.")
+    max_gradient_accum_steps: int = Field(
+        64, ge=1, description="gradient_accum_steps of a chg job: passes per update."
+    )
+    max_fit_rows: int = Field(
+        4 * 1024 * 1024,
+        ge=1,
+        description="Prompts a gate fit draws in all, planned up front: updates × "
+        "gradient_accum_steps × min(batch_size, prompts).",
+    )
+    max_top_k: int = Field(1024, ge=1, description="top_k of a score job.")
+    max_job_memory_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Estimated peak memory of one job's activations; default: the memory of "
+        "its model's device less the model (as its worker published them).",
+    )
+    max_streams_per_key: int = Field(
+        64,
+        ge=1,
+        description="Open event streams plus held result requests (?wait=) per key, per API "
+        "process (twice max_active_jobs_per_key by default: a client following each of its "
+        "jobs twice stays under it).",
+    )
+    max_datasets_per_key: int = Field(64, ge=1, description="Stored data sets per key.")
+    max_dataset_bytes_per_key: int = Field(
+        1024 * 1024 * 1024, ge=1024, description="Bytes of stored data sets per key."
+    )
 
 
 class Settings(BaseSettings):

@@ -1,11 +1,34 @@
 """How big a job is, counted the same way by the API (limits at submission) and the
-workers (token limits, out-of-memory messages). Torch-free."""
+workers (token limits, the exact estimate before compute, out-of-memory messages).
+Torch-free.
+
+:func:`result_tensors` names every tensor a job's result will hold, with its dtype and
+shape, from the model's shape and the token count of each text: results are
+deterministic in shape, so given the real token counts (the worker's) it is exact. The
+API has no tokenizer and passes counts guessed from each text's bytes
+(:func:`guess_tokens`). :func:`peak_bytes` estimates the activations a job holds at its
+peak; it is a model of the computation, not a measurement, and errs low rather than high
+(attention is taken to run in a fused kernel, with no [seq, seq] matrix).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from app.schemas import AttributeJob, ChgJob, JobRequest
+from app.schemas import (
+    AblateJob,
+    AttributeJob,
+    CchgJob,
+    ChgJob,
+    JobRequest,
+    ModelInfo,
+    ScoreJob,
+    TraceJob,
+)
+from workers.lens.sites import LAYER_SITES, SITE_NAMES, SITES
 
 TEXT_FIELDS = (
     "texts",
@@ -21,10 +44,21 @@ TEXT_FIELDS = (
     "sentences",
 )
 SIZE_PARAMS = ("num_masks", "batch_size", "num_samples", "num_updates", "num_reg_updates")
+DATASET_FIELDS = ("dataset", "retain_dataset", "forget_dataset")
+
+ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int8": 1}
+BYTES_PER_TOKEN = 4
+"""The API's guess of a text's tokens: one per 4 bytes of UTF-8 (English runs 4–5
+characters a token, CJK about 3 bytes), plus one for a BOS token."""
+PATTERN_PROMPT_TOKENS = 24
+"""Tokens of a generated aba/abb prompt (four lines of three words, then two words)."""
+EVAL_CHUNK = 32
+"""Examples per pass when gates are evaluated (workers.lens.gate_fit's callers)."""
 
 
 def text_fields(job: JobRequest) -> dict[str, list[str]]:
-    """Every text of the job given inline, by field (data sets and patterns are not inline)."""
+    """Every text of the job given inline, by field (data sets and patterns are not
+    inline); a gradient target text counts as one."""
     found: dict[str, list[str]] = {}
     for name in TEXT_FIELDS:
         value = getattr(job, name, None)
@@ -33,6 +67,8 @@ def text_fields(job: JobRequest) -> dict[str, list[str]]:
     if isinstance(job, AttributeJob):
         found["document"] = [job.document]
         found["summary"] = [job.summary]
+    if isinstance(job, TraceJob) and job.gradients is not None and job.gradients.target:
+        found["gradients.target"] = [job.gradients.target]
     return found
 
 
@@ -59,3 +95,370 @@ def pattern_samples(job: JobRequest) -> int | None:
     if isinstance(job, ChgJob) and job.pattern is not None:
         return job.num_samples
     return None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What sizes a job on a model: its geometry, the bytes of one activation element
+    (its dtype) and the memory its device has for jobs (None: unknown)."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    intermediate_size: int
+    dtype_bytes: int = 4
+    max_context: int | None = None
+    memory_bytes: int | None = None
+
+    @classmethod
+    def of(cls, info: ModelInfo) -> ModelShape | None:
+        """The shape a worker published (GET /v1/models); None before one has."""
+        sizes = (info.layers, info.heads, info.head_dim, info.hidden_size, info.vocab_size)
+        if any(v is None for v in sizes):
+            return None
+        layers, heads, head_dim, hidden, vocab = (int(v or 0) for v in sizes)
+        memory = None
+        if info.device_memory_bytes is not None and info.model_bytes is not None:
+            memory = max(info.device_memory_bytes - info.model_bytes, 0)
+        return cls(
+            layers=layers,
+            heads=heads,
+            head_dim=head_dim,
+            hidden_size=hidden,
+            vocab_size=vocab,
+            intermediate_size=info.intermediate_size or 4 * hidden,
+            dtype_bytes=ITEM_BYTES.get(info.dtype or "float32", 4),
+            max_context=info.max_context,
+            memory_bytes=memory,
+        )
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEM_BYTES[self.dtype]
+
+
+Tokens = Mapping[str, Sequence[int]]
+"""Token count of each text, by field as :func:`text_fields` names them; data sets as
+``<field>.prompt`` and ``<field>.target``."""
+
+
+def guess_tokens(text: str, cap: int | None = None) -> int:
+    """The API's guess of a text's token count (see ``BYTES_PER_TOKEN``), at most ``cap``."""
+    return _guess_bytes(len(text.encode()), cap)
+
+
+@dataclass(frozen=True)
+class DatasetSize:
+    """What sizes an uploaded data set, as its record keeps it: rows, the longest prompt
+    or target in characters, and the longest prompt and target in bytes."""
+
+    rows: int
+    longest_chars: int = 0
+    prompt_bytes: int = 0
+    target_bytes: int = 0
+
+
+def guessed_tokens(
+    job: JobRequest, cap: int | None, datasets: Mapping[str, DatasetSize] | None = None
+) -> dict[str, list[int]]:
+    """:data:`Tokens` guessed from the texts' bytes, each at most ``cap``; each row of a
+    data set is taken to be as long as its longest prompt and target."""
+    tokens = {f: [guess_tokens(t, cap) for t in texts] for f, texts in text_fields(job).items()}
+    for field, size in (datasets or {}).items():
+        prompt = _guess_bytes(size.prompt_bytes, cap)
+        tokens[f"{field}.prompt"] = [prompt] * size.rows
+        tokens[f"{field}.target"] = [_guess_bytes(size.target_bytes, cap)] * size.rows
+    return tokens
+
+
+def _guess_bytes(size: int, cap: int | None) -> int:
+    guess = -(-size // BYTES_PER_TOKEN) + 1
+    return guess if cap is None else min(guess, cap)
+
+
+def result_tensors(job: JobRequest, shape: ModelShape, tokens: Tokens) -> dict[str, TensorSpec]:
+    """Every tensor of the job's result, by name (see each kind's analysis for why)."""
+    if isinstance(job, ScoreJob):
+        return _score_tensors(job, shape, tokens)
+    if isinstance(job, TraceJob):
+        return _trace_tensors(job, shape, tokens)
+    if isinstance(job, ChgJob):
+        return _chg_tensors(job, shape)
+    if isinstance(job, CchgJob):
+        heads = (job.num_masks, shape.layers, shape.heads)
+        return {
+            "masks.contrastive": TensorSpec("float32", heads),
+            "nll.retain": TensorSpec("float32", (job.num_updates,)),
+            "nll.forget": TensorSpec("float32", (job.num_updates,)),
+        }
+    if isinstance(job, AblateJob):
+        n = len(_examples(job, tokens))
+        per = {f"{m}.{c}": TensorSpec("float32", (n,)) for m in ("nll", "accuracy") for c in _AB}
+        return per | {"head_mask": TensorSpec("float32", (shape.layers, shape.heads))}
+    document = sum(tokens.get("document", [0]))
+    seq = document + sum(tokens.get("summary", [0]))
+    return {
+        "token_grad_norms": TensorSpec("float32", (document,)),
+        "token_sentence": TensorSpec("int64", (document,)),
+        "sentence_scores": TensorSpec("float32", (len(job.sentences),)),
+        "input_ids": TensorSpec("int64", (seq,)),
+    }
+
+
+_AB = ("baseline", "masked")
+
+
+def result_bytes(job: JobRequest, shape: ModelShape, tokens: Tokens) -> int:
+    return sum(t.nbytes for t in result_tensors(job, shape, tokens).values())
+
+
+def _batch(tokens: Tokens, field: str = "texts") -> tuple[int, int]:
+    """Rows and padded length of a field's texts in one right-padded batch."""
+    counts = tokens.get(field) or [1]
+    return len(counts), max(counts)
+
+
+def _score_tensors(job: ScoreJob, shape: ModelShape, tokens: Tokens) -> dict[str, TensorSpec]:
+    b, s = _batch(tokens)
+    v = shape.vocab_size
+    out: dict[str, TensorSpec] = {}
+    if not job.final_token_only:
+        if job.top_k is None:
+            out["logits"] = TensorSpec("float32", (b, s, v))
+        else:
+            out["top_k_logits"] = TensorSpec("float32", (b, s, job.top_k))
+            out["top_k_ids"] = TensorSpec("int64", (b, s, job.top_k))
+    return out | {
+        "final_token_logits": TensorSpec("float32", (b, v)),
+        "input_ids": TensorSpec("int64", (b, s)),
+        "attention_mask": TensorSpec("int64", (b, s)),
+    }
+
+
+def _trace_layers(job: TraceJob, shape: ModelShape) -> list[int]:
+    return sorted(set(job.layers)) if job.layers is not None else list(range(shape.layers))
+
+
+def _trace_sites(job: TraceJob) -> list[str]:
+    return [s for s in SITE_NAMES if job.sites is None or s in job.sites]
+
+
+def _kept(job: TraceJob, seq: int) -> int:
+    if job.positions == "all":
+        return seq
+    return 1 if job.positions == "last" else len(job.positions)
+
+
+def _site_width(site: str, shape: ModelShape) -> int:
+    if site == "logits":
+        return shape.vocab_size
+    return shape.heads * shape.head_dim if site == "attn_o_proj_pre" else shape.hidden_size
+
+
+def _site_names(job: TraceJob, shape: ModelShape, sites: list[str]) -> list[tuple[str, str]]:
+    layers = _trace_layers(job, shape)
+    return [
+        (site, SITES[site].tensor_name(layer))
+        for site in sites
+        for layer in (layers if site in LAYER_SITES else [None])
+    ]
+
+
+def _trace_tensors(job: TraceJob, shape: ModelShape, tokens: Tokens) -> dict[str, TensorSpec]:
+    b, s = _batch(tokens)
+    k = _kept(job, s)
+    dtype = job.dtype.value
+    sites = _trace_sites(job)
+    out = {
+        name: TensorSpec(dtype, (b, k, _site_width(site, shape)))
+        for site, name in _site_names(job, shape, sites)
+    }
+    out["final_logits"] = TensorSpec("float32", (b, k, shape.vocab_size))
+    out["input_ids"] = TensorSpec("int64", (b, s))
+    out["attention_mask"] = TensorSpec("int64", (b, s))
+    if job.positions != "all":
+        out["positions"] = TensorSpec("int64", (b, k))
+    if job.gradients is not None:
+        on_path = [site for site in sites if site != "logits"]
+        for site, name in _site_names(job, shape, on_path):
+            out[f"grad.{name}"] = TensorSpec(dtype, (b, k, _site_width(site, shape)))
+    return out
+
+
+def _chg_tensors(job: ChgJob, shape: ModelShape) -> dict[str, TensorSpec]:
+    heads = (job.num_masks, shape.layers, shape.heads)
+    stages = {"none": job.num_updates, "positive": job.num_reg_updates}
+    stages["negative"] = job.num_reg_updates
+    out = {f"masks.{stage}": TensorSpec("float32", heads) for stage in stages}
+    out |= {f"nll.{stage}": TensorSpec("float32", (n,)) for stage, n in stages.items()}
+    for score in ("facilitation", "interference", "irrelevance"):
+        out[f"scores.{score}"] = TensorSpec("float32", heads)
+    out["taxonomy"] = TensorSpec("int8", (shape.layers, shape.heads))
+    if job.record_history:
+        for stage, n in stages.items():
+            out[f"history.{stage}"] = TensorSpec("float32", (n, *heads))
+    return out
+
+
+def _examples(job: ChgJob | AblateJob, tokens: Tokens) -> list[tuple[int, int]]:
+    """(prompt, target) token counts of each example of a prompt/target job."""
+    if isinstance(job, ChgJob) and job.pattern is not None:
+        return [(PATTERN_PROMPT_TOKENS, 1)] * job.num_samples
+    field = "dataset" if job.dataset is not None else None
+    prompts = tokens.get(f"{field}.prompt" if field else "texts") or [1]
+    targets = tokens.get(f"{field}.target" if field else "targets") or [1] * len(prompts)
+    return list(zip(prompts, targets, strict=False))
+
+
+def _pairs(tokens: Tokens, side: str) -> list[tuple[int, int]]:
+    for prompts, targets in (
+        (f"{side}_texts", f"{side}_targets"),
+        (f"{side}_dataset.prompt", f"{side}_dataset.target"),
+    ):
+        if tokens.get(prompts):
+            return list(zip(tokens[prompts], tokens.get(targets) or [], strict=False))
+    return [(1, 1)]
+
+
+def _block_bytes(shape: ModelShape, rows: int, seq: int) -> int:
+    """What one block holds while it runs, in inference: the residual stream, the
+    attention's queries, keys, values and output, and the MLP's intermediate activations."""
+    per_token = 4 * shape.hidden_size + 3 * shape.intermediate_size
+    return rows * seq * per_token * shape.dtype_bytes
+
+
+def _graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
+    """What autograd keeps of a whole pass for a backward one. The weights are frozen, so
+    a projection keeps nothing (its input's gradient needs only its weight); per block
+    and token: the inputs of the two norms, queries, keys, values and the attention's
+    output (about four hidden widths), the gated heads' input, and the MLP's activation
+    input and the two operands of its product (three MLP widths)."""
+    per_token = 7 * shape.hidden_size + 3 * shape.intermediate_size
+    return shape.layers * rows * seq * per_token * shape.dtype_bytes
+
+
+def _fit_rows(job: ChgJob | CchgJob, n: int) -> int:
+    return min(job.batch_size, max(n, 1))
+
+
+def peak_bytes(job: JobRequest, shape: ModelShape, tokens: Tokens) -> int:
+    """Estimated peak bytes of activations and results while the job runs (its model's
+    weights not included)."""
+    v, d = shape.vocab_size, shape.dtype_bytes
+    result = result_bytes(job, shape, tokens)
+    if isinstance(job, ScoreJob):
+        b, s = _batch(tokens)
+        return result + b * s * v * d + _block_bytes(shape, b, s)
+    if isinstance(job, TraceJob):
+        b, s = _batch(tokens)
+        captured = result * d // ITEM_BYTES[job.dtype.value]
+        peak = captured + result + b * s * v * d + _block_bytes(shape, b, s)
+        if job.gradients is not None:
+            m = max(tokens.get("gradients.target") or [len(job.gradients.target_ids or [1])])
+            peak += _graph_bytes(shape, b, s + m) + b * (s + m) * v * (d + 4)
+        return peak
+    if isinstance(job, ChgJob):
+        examples = _examples(job, tokens)
+        seq = max(p + t for p, t in examples)
+        picks = max(t for _, t in examples)
+        sets = job.num_masks * (2 if job.num_reg_updates else 1)
+        rows = sets * _fit_rows(job, len(examples))
+        return result + _graph_bytes(shape, rows, seq) + 3 * rows * picks * v * 4
+    if isinstance(job, CchgJob):
+        sides = [_pairs(tokens, "retain"), _pairs(tokens, "forget")]
+        seq = max(p + t for side in sides for p, t in side)
+        picks = max(t for side in sides for _, t in side)
+        rows = job.num_masks * _fit_rows(job, len(sides[0]))
+        return result + 2 * (_graph_bytes(shape, rows, seq) + 3 * rows * picks * v * 4)
+    if isinstance(job, AblateJob):
+        examples = _examples(job, tokens)
+        seq = max(p + t for p, t in examples)
+        rows = 2 * min(EVAL_CHUNK, len(examples))
+        picks = max(t for _, t in examples)
+        return result + _block_bytes(shape, rows, seq) + rows * picks * v * 4
+    seq = sum(tokens.get("document", [1])) + sum(tokens.get("summary", [1]))
+    return result + _graph_bytes(shape, 1, seq) + seq * v * (d + 4)
+
+
+def fit_rows(job: JobRequest, prompts: int) -> int | None:
+    """Prompt rows a gate fit draws in all (``plan_batches``: updates × accumulation ×
+    rows per batch), given its number of prompts; None for other kinds."""
+    if isinstance(job, ChgJob):
+        updates = (job.num_updates + job.num_reg_updates) * job.gradient_accum_steps
+        return updates * _fit_rows(job, prompts)
+    if isinstance(job, CchgJob):
+        return job.num_updates * _fit_rows(job, prompts)
+    return None
+
+
+_RESULT_ADVICE = {
+    "score": "send fewer or shorter texts, or ask for final_token_only or top_k",
+    "trace": "ask for fewer layers, sites, texts or positions (positions='last'), "
+    "dtype='float16', or leave out the logits site",
+    "chg": "lower num_masks, num_updates or num_reg_updates, or turn record_history off",
+    "cchg": "lower num_masks or num_updates",
+    "ablate": "send fewer examples",
+    "attribute": "send a shorter document",
+}
+_MEMORY_ADVICE = {
+    "score": "send fewer or shorter texts (the logits alone are texts × tokens × vocabulary)",
+    "trace": "send fewer or shorter texts, or trace fewer layers and sites",
+    "chg": "lower num_masks or batch_size, or send shorter texts (max_length)",
+    "cchg": "lower num_masks or batch_size, or send shorter texts (max_length)",
+    "ablate": "send shorter texts (max_length)",
+    "attribute": "send a shorter document",
+}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+class JobTooLarge(ValueError):
+    """A job whose estimated result or peak memory exceeds a limit; the message names the
+    estimate, the limit and what to lower."""
+
+
+def check_cost(
+    job: JobRequest,
+    shape: ModelShape,
+    tokens: Tokens,
+    *,
+    max_result_bytes: int,
+    max_memory_bytes: int | None,
+    guessed: bool,
+) -> None:
+    """Refuse a job whose result or peak memory, estimated from ``tokens``, is over its
+    limit (``max_memory_bytes``: the smaller of the operator's and the device's, if any)."""
+    how = "tokens guessed from the texts' bytes" if guessed else "its texts' token counts"
+    size = result_bytes(job, shape, tokens)
+    if size > max_result_bytes:
+        raise JobTooLarge(
+            f"the result would hold {size} bytes ({_gib(size)}) of tensors, estimated from "
+            f"the model's shape and {how}, over the limit max_result_bytes = "
+            f"{max_result_bytes}: {_RESULT_ADVICE[job.kind]}"
+        )
+    if max_memory_bytes is None:
+        return
+    peak = peak_bytes(job, shape, tokens)
+    if peak > max_memory_bytes:
+        raise JobTooLarge(
+            f"the job would need about {_gib(peak)} of memory at its peak, estimated from the "
+            f"model's shape and {how}, over the {_gib(max_memory_bytes)} a job may use on this "
+            f"model (max_job_memory_bytes, or its device's memory less the model): "
+            f"{_MEMORY_ADVICE[job.kind]}"
+        )
+
+
+def memory_limit(shape: ModelShape, operator: int | None) -> int | None:
+    """The memory a job may use: the operator's limit and the device's free memory."""
+    found = [m for m in (shape.memory_bytes, operator) if m is not None]
+    return min(found) if found else None

@@ -7,7 +7,7 @@ import time
 
 import redis
 
-from app.jobstore import ANONYMOUS, JobStore, events_channel, job_key
+from app.jobstore import ANONYMOUS, JobStore, events_channel, job_key, new_job_id
 from app.schemas import JobError, JobProgress, JobStatus
 
 
@@ -106,11 +106,11 @@ def test_active_count_is_the_set_size_until_the_quota_needs_it_exact(
     redis_conn: redis.Redis,
 ) -> None:
     """A job whose record vanished without ending (flushed by hand, say) still counts in
-    the cheap count, and is pruned once the count reaches the quota."""
+    the cheap count, and is pruned once a reservation reaches the quota."""
     store = JobStore(redis_conn)
     kept, lost = (make(store, owner="o").id for _ in range(2))
     redis_conn.delete(job_key(lost))
     assert store.active_count("o") == 2
-    assert store.active_count("o", quota=3) == 2
-    assert store.active_count("o", quota=2) == 1
-    assert store.active_count("o") == 1 and store.get(kept) is not None
+    assert store.reserve("o", new_job_id(), 3) == 3
+    assert store.reserve("o", new_job_id(), 3) == 3, "the lost job's place was freed"
+    assert store.active_count("o") == 3 and store.get(kept) is not None

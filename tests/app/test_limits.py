@@ -131,10 +131,15 @@ def test_data_set_size_and_rows(client: TestClient) -> None:
     r = client.post("/v1/datasets?format=jsonl", content="\n".join([row] * 200))
     assert r.status_code == 413 and "max_dataset_bytes = 4096" in detail(r)
     r = client.post("/v1/datasets?format=jsonl", content="\n".join([row] * 4))
-    assert r.status_code == 201, r.text
-    body = chg(texts=None, targets=None, dataset=r.json()["id"])
-    r = client.post("/v1/jobs", json=body)
     assert r.status_code == 413 and "4 rows" in detail(r) and "max_texts = 3" in detail(r)
+    long = json.dumps({"prompt": "a" * 41, "target": " c"})
+    r = client.post("/v1/datasets?format=jsonl", content=long)
+    assert r.status_code == 413 and "41 characters" in detail(r)
+    assert "max_text_chars = 40" in detail(r)
+    r = client.post("/v1/datasets?format=jsonl", content="\n".join([row] * 3))
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/jobs", json=chg(texts=None, targets=None, dataset=r.json()["id"]))
+    assert r.status_code == 202, r.text
 
 
 def test_per_key_quota_is_429_with_retry_after(client: TestClient) -> None:

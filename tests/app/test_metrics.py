@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -20,6 +21,7 @@ from app.core.redis_server import RedisServer, free_port
 from app.jobstore import DURATION_BUCKETS_S, JobStore
 from app.logs import configure_logging, job_context
 from app.main import create_app
+from app.maintenance import reap_lost_jobs
 from app.schemas import JobStatus
 from tests.conftest import LOCAL
 
@@ -60,8 +62,11 @@ def test_metrics_read_jobs_queues_and_workers_from_redis(
         {"models": ["a"], "resident": ["a"], "load_seconds": {"a": 1.5}, "gpus": [gpu]},
         ttl_s=10,
     )
+    scans = _keyspace_scans(redis_conn)
     with TestClient(create_app(settings_for(redis_server.url, tmp_path)), base_url=LOCAL) as client:
         r = client.get("/metrics")
+    reap_lost_jobs(store, Settings())
+    assert _keyspace_scans(redis_conn) == scans, "neither the scrape nor the reaper scans"
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     got = samples(r.text)
     assert got[("lens_redis_up", ())] == 1
@@ -87,6 +92,12 @@ def test_metrics_read_jobs_queues_and_workers_from_redis(
     for name, value in (("allocated", 1024), ("reserved", 2048), ("total", 8192)):
         key = (f"lens_gpu_memory_{name}_bytes", (("device", "cuda:0"), ("worker", "w1")))
         assert got[key] == value
+
+
+def _keyspace_scans(conn: redis.Redis) -> int:
+    """Calls of SCAN and KEYS the server has answered so far."""
+    stats = cast("dict[str, dict[str, int]]", conn.info("commandstats"))
+    return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("scan", "keys"))
 
 
 def test_metrics_say_when_redis_is_down(tmp_path: Path) -> None:

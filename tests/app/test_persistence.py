@@ -45,11 +45,16 @@ def test_sweep_deletes_what_outlived_its_record(redis_conn: redis.Redis, tmp_pat
     (datasets / ("a" * 32 + ".json")).write_text("[]")
     (datasets / ("b" * 32 + ".json")).write_text("[]")
     redis_conn.hset("lens:dataset:" + "a" * 32, "owner", ANONYMOUS)
+    stale_upload = datasets / f".{'c' * 32}.tmp"  # an upload whose API process died
+    stale_upload.write_text("[")
+    os.utime(stale_upload, (time.time() - 7200, time.time() - 7200))
+    retried = blobs.path(kept, 1)  # a second attempt's result, its record still there
+    retried.write_bytes(b"result")
     redis_conn.zadd(owner_index(ANONYMOUS), {expired: 0.0}, xx=True)
 
     report = sweep(store, blobs, datasets, keep_index_s=60)
-    assert (report.blobs, report.temps, report.datasets, report.index_entries) == (1, 1, 1, 1)
-    assert blobs.exists(kept) and not blobs.exists(expired)
+    assert (report.blobs, report.temps, report.datasets, report.index_entries) == (1, 2, 1, 1)
+    assert blobs.exists(kept) and not blobs.exists(expired) and retried.exists()
     assert fresh_temp.exists() and not stale_temp.exists()
     assert sorted(p.stem[0] for p in datasets.iterdir()) == ["a"]
     assert redis_conn.zrange(owner_index(ANONYMOUS), 0, -1) == [kept.encode()]

@@ -29,7 +29,7 @@ def test_many_waiting_clients_leave_the_api_responsive(tmp_path: Path) -> None:
         data_dir=tmp_path,
         models={"m": ModelSpec(source="/nowhere")},  # no worker: the jobs stay queued
         port=free_port(),
-        limits=Limits(max_active_jobs_per_key=WAITERS + 1),
+        limits=Limits(max_active_jobs_per_key=WAITERS + 1, max_streams_per_key=WAITERS),
     )
     stack = Stack(settings)
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Annotated, Any, cast
 
 import redis
@@ -14,6 +14,7 @@ import redis.asyncio
 from fastapi import APIRouter, Body, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from app import queue
 from app.api import validation
@@ -30,8 +31,8 @@ from app.api.deps import (
 from app.api.result_file import ResultFile
 from app.api.routes.datasets import dataset_record
 from app.core.config import Settings
-from app.events import LOST, EventHub
-from app.jobstore import JobRecord, JobStore, active_set
+from app.events import LOST, EventHub, TooManyStreams
+from app.jobstore import JobRecord, JobStore, new_job_id, reserve_with, unreserve_with
 from app.maintenance import dataset_key
 from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 
@@ -64,78 +65,99 @@ async def submit_job(
 
     The submission counts as in flight from the moment its body is parsed (``async``, so
     every request of a burst gets there before the thread pool runs the first one), which
-    is what lets a worker wait for the rest of a burst (``workers.tasks``)."""
+    is what lets a worker wait for the rest of a burst (``workers.tasks``). The same
+    round trip reads the model's shape and reserves the job's place in the caller's
+    quota, atomically; a job refused afterwards gives both back."""
     if job.model not in settings.models:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
             f"model {job.model!r} is not served here; served: {sorted(settings.models)}",
         )
     submission = queue.Submission(job.model, job.kind)
-    # One round trip counts the submission in flight and reads what its checks need.
+    job_id, cap = new_job_id(), settings.limits.max_active_jobs_per_key
     pipe = aconn.pipeline(transaction=False)
     submission.open_with(pipe)
     pipe.hget(queue.MODELS_KEY, job.model)
-    pipe.scard(active_set(owner))
+    reserve_with(pipe, owner, job_id, cap)
     *_, shape, active = await pipe.execute()
     submission.opened()
-    read = _Read(model_shape=shape, active_jobs=active)
+    created = False
     try:
-        return await run_in_threadpool(
-            _queue_job, job, request, owner, settings, store, conn, submission, read
+        if active <= 0:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"{-active} of your jobs are queued or running; the limit "
+                f"max_active_jobs_per_key is {cap}: wait for one to finish or cancel one",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        doc = await run_in_threadpool(
+            _queue_job, job, job_id, request, owner, settings, store, conn, submission, shape
         )
+        created = True
+        return doc
     finally:
-        await submission.abandon(aconn)  # a no-op once queued
+        await _give_back(aconn, submission, owner, job_id, reserved=active > 0 and not created)
 
 
-@dataclass(frozen=True)
-class _Read:
-    """What a submission read on its way in: the model's shape as its worker published it
-    (JSON; None before any worker has), and the number of the caller's active jobs."""
-
-    model_shape: bytes | None
-    active_jobs: int
+async def _give_back(
+    aconn: redis.asyncio.Redis,
+    submission: queue.Submission,
+    owner: str,
+    job_id: str,
+    *,
+    reserved: bool,
+) -> None:
+    """In one round trip, end a submission that was not queued and free its quota place."""
+    pipe = aconn.pipeline(transaction=False)
+    abandoned = submission.abandon_with(pipe)
+    if reserved:
+        unreserve_with(pipe, owner, job_id)
+    if abandoned or reserved:
+        await pipe.execute()
 
 
 def _queue_job(
     job: JobRequest,
+    job_id: str,
     request: Request,
     owner: str,
     settings: Settings,
     store: JobStore,
     conn: redis.Redis,
     submission: queue.Submission,
-    read: _Read,
+    model_shape: bytes | None,
 ) -> JobDocument:
-    validation.check_limits(job, settings.limits)
-    if read.model_shape is not None:
-        shape = ModelInfo.model_validate_json(read.model_shape)
-        if shape.error:
+    """Checks (limits, the model's shape, sources, data sets, the estimated cost), then
+    the job. ``model_shape``: the model's info as its worker published it (JSON; None
+    before any worker has)."""
+    limits = settings.limits
+    validation.check_limits(job, limits)
+    info = ModelInfo.model_validate_json(model_shape) if model_shape is not None else None
+    if info is not None:
+        if info.error:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
-                f"model {job.model!r} cannot be served: {shape.error}",
+                f"model {job.model!r} cannot be served: {info.error}",
             )
-        validation.check_shape(job, shape)
+        validation.check_shape(job, info)
     validation.check_source_job(job, owner, store)
+    datasets = {}
     for field, dataset_id in validation.dataset_fields(job).items():
         found = dataset_record(conn, dataset_id)
         if found is None or found[0] != owner:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"{field}: data set {dataset_id!r} not found"
             )
-        validation.check_dataset_rows(field, found[1], settings.limits)
+        validation.check_dataset(field, found[1], limits)
+        datasets[field] = found[1]
+    validation.check_fit_rows(job, datasets, limits)
+    if info is not None:
+        validation.check_cost(job, info, limits, datasets)
+    for dataset_id in validation.dataset_fields(job).values():
         conn.expire(dataset_key(dataset_id), settings.result_ttl_s)
-    cap = settings.limits.max_active_jobs_per_key
-    active = store.active_count(owner, quota=cap, size=read.active_jobs)
-    if active >= cap:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            f"{active} of your jobs are queued or running; the limit max_active_jobs_per_key "
-            f"is {cap}: wait for one to finish or cancel one",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
     # One transaction: the record, the end of the submission's in-flight count (just as
     # the job lands, so a worker taking it never waits for its own submission), the
-    # queue entry and the job's place in the queue.
+    # queue entry at the key's turn and the job's place in the queue.
     pipe = conn.pipeline()
     pipe.multi()  # explicit, as RQ wants of a pipeline handed to it
     doc = store.create(
@@ -144,6 +166,7 @@ def _queue_job(
         owner=owner,
         params=validation.public_params(job),
         pipeline=pipe,
+        job_id=job_id,
     )
     request.state.job_id = doc.id
     submission.done_with(pipe)
@@ -165,14 +188,15 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobList:
     """The caller's jobs, newest first: a page of records, then the queued ones' positions,
-    a round trip each."""
+    a round trip each. Their parameters are left out (GET /v1/jobs/{id} has them): a
+    job's may be megabytes."""
     jobs: list[JobDocument] = []
     offset, page = 0, max(limit, 100)
     while len(jobs) < limit:
         ids = store.list_ids(owner, page, offset)
         if not ids:
             break
-        for record in filter(None, store.get_many(ids)):
+        for record in filter(None, store.get_many(ids, params=False)):
             if status_ is None or record.document.status is status_:
                 jobs.append(record.document)
         offset += page
@@ -205,6 +229,7 @@ async def get_result(
     blobs: BlobsDep,
     aconn: AsyncRedisDep,
     hub: EventsDep,
+    settings: SettingsDep,
     wait: Annotated[
         float,
         Query(
@@ -219,13 +244,17 @@ async def get_result(
     its headers alone)."""
     doc = record.document
     if wait and not doc.status.is_final:
-        ended = await _ended(doc.id, aconn, hub, request, wait)
+        release = _hold(hub, record.owner, settings)
+        try:
+            ended = await _ended(doc.id, aconn, hub, request, wait)
+        finally:
+            release()
         if ended is None:  # the client went away: nobody reads the answer
             return Response(status_code=status.HTTP_204_NO_CONTENT)
         doc = ended
     if doc.status is not JobStatus.SUCCEEDED:
         raise HTTPException(status.HTTP_409_CONFLICT, _not_succeeded(doc, wait))
-    path = blobs.path(doc.id)
+    path = blobs.path(doc.id, doc.retries)
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -234,6 +263,20 @@ async def get_result(
         ) from None
     name = f"{doc.kind}-{doc.id}.safetensors"
     return ResultFile(path, stat_result=info, media_type="application/octet-stream", filename=name)
+
+
+def _hold(hub: EventHub, owner: str, settings: Settings) -> Callable[[], None]:
+    """A place among the caller's open streams and held result requests, or 429."""
+    cap = settings.limits.max_streams_per_key
+    try:
+        return hub.hold(owner, cap)
+    except TooManyStreams:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"you have {cap} event streams and waiting result requests open; the limit "
+            f"max_streams_per_key is {cap}: close one first",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
 
 
 def _not_succeeded(doc: JobDocument, waited_s: float) -> str:
@@ -283,16 +326,18 @@ def _message(data: bytes) -> dict[str, Any]:
 async def _until_final(
     job_id: str, aconn: redis.asyncio.Redis, inbox: asyncio.Queue[bytes]
 ) -> JobDocument:
-    """Read after subscribing, so no event falls between the read and the wait."""
-    record = await JobStore.get_async(aconn, job_id)
-    if record is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
-    doc = record.document
-    while not doc.status.is_final:
-        event = _message(await inbox.get())
-        if event["event"] == "status" and "record" in event:
-            doc = JobStore.document_of(event["record"])
-    return doc
+    """Read after subscribing, so no event falls between the read and the wait; read
+    again once an event says the job ended (events carry the status, not the record)."""
+    while True:
+        record = await JobStore.get_async(aconn, job_id)
+        if record is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+        if record.document.status.is_final:
+            return record.document
+        while True:
+            event = _message(await inbox.get())
+            if event["event"] == "status" and JobStatus(event["status"]).is_final:
+                break
 
 
 @router.delete("/{job_id}", response_model=JobDocument, status_code=status.HTTP_202_ACCEPTED)
@@ -315,14 +360,33 @@ def cancel_job(record: OwnedJobDep, store: StoreDep, settings: SettingsDep) -> J
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def job_events(
-    record: OwnedJobDep, aconn: AsyncRedisDep, hub: EventsDep
+    record: OwnedJobDep, aconn: AsyncRedisDep, hub: EventsDep, settings: SettingsDep
 ) -> StreamingResponse:
     """Server-sent events: ``status`` (the job document) and ``progress``, until the job ends."""
-    return StreamingResponse(
+    release = _hold(hub, record.owner, settings)
+    return _HeldStream(
         _event_stream(record.document.id, aconn, hub),
+        release,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+class _HeldStream(StreamingResponse):
+    """A stream that gives its place back however it ends (the client gone before its
+    first byte included)."""
+
+    def __init__(
+        self, content: AsyncIterator[str], release: Callable[[], None], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 def _sse(event: str, data: str) -> str:
@@ -346,10 +410,11 @@ async def _event_stream(
 async def _events(
     job_id: str, aconn: redis.asyncio.Redis, inbox: asyncio.Queue[bytes]
 ) -> AsyncIterator[str]:
-    """Status events carry the job's record, so the stream reads it from Redis only at
-    the start, when a job goes back to the queue (its position is not in the record) and
-    after a quiet keep-alive period (a queued job's position moves without events of its
-    own). Subscribed before the first read, so no event falls between the two."""
+    """The stream reads the job's record at the start, when it ends or goes back to the
+    queue, and after a quiet keep-alive period (a queued job's position moves without
+    events of its own); a start is applied from its event, which carries the start time
+    (events carry what changed, never the record). Subscribed before the first read, so
+    no event falls between the two."""
     last: tuple[JobStatus, int | None] | None = None
     doc: JobDocument | None = None
     while True:
@@ -373,8 +438,14 @@ async def _events(
             event = _message(data)
             if event.pop("event") == "progress":
                 yield _sse("progress", json.dumps(event))
-            elif "record" in event and event["status"] != JobStatus.QUEUED:
-                doc = JobStore.document_of(event["record"])
+            elif event["status"] == JobStatus.RUNNING and doc is not None:
+                doc = doc.model_copy(
+                    update={
+                        "status": JobStatus.RUNNING,
+                        "started_at": datetime.fromisoformat(event["started_at"]),
+                        "queue_position": None,
+                    }
+                )
             else:
                 doc = None
             if inbox.empty():
