@@ -106,7 +106,9 @@ def pattern_samples(job: JobRequest) -> int | None:
 @dataclass(frozen=True)
 class ModelShape:
     """What sizes a job on a model: its geometry, the bytes of one activation element
-    (its dtype) and the memory its device has for jobs (None: unknown)."""
+    (its dtype) and the memory its device has for jobs (None: unknown). ``head_dims``:
+    each layer's head width where they differ (Gemma 4), else empty; ``head_dim`` is
+    then the widest."""
 
     layers: int
     heads: int
@@ -117,11 +119,16 @@ class ModelShape:
     dtype_bytes: int = 4
     max_context: int | None = None
     memory_bytes: int | None = None
+    head_dims: tuple[int, ...] = ()
+
+    def head_width(self, layer: int) -> int:
+        return self.head_dims[layer] if self.head_dims else self.head_dim
 
     @classmethod
     def of(cls, info: ModelInfo) -> ModelShape | None:
         """The shape a worker published (GET /v1/models); None before one has."""
-        sizes = (info.layers, info.heads, info.head_dim, info.hidden_size, info.vocab_size)
+        head_dim = info.head_dim or max(info.head_dims or [0]) or None
+        sizes = (info.layers, info.heads, head_dim, info.hidden_size, info.vocab_size)
         if any(v is None for v in sizes):
             return None
         layers, heads, head_dim, hidden, vocab = (int(v or 0) for v in sizes)
@@ -138,6 +145,7 @@ class ModelShape:
             dtype_bytes=ITEM_BYTES.get(info.dtype or "float32", 4),
             max_context=info.max_context,
             memory_bytes=memory,
+            head_dims=tuple(info.head_dims or ()) if info.head_dim is None else (),
         )
 
 
@@ -355,16 +363,21 @@ def _kept(job: TraceJob, seq: int) -> int:
     return 1 if job.positions == "last" else len(job.positions)
 
 
-def _site_width(site: str, shape: ModelShape) -> int:
+def _site_width(site: str, shape: ModelShape, layer: int | None) -> int:
     if site == "logits":
         return shape.vocab_size
-    return shape.heads * shape.head_dim if site == "attn_o_proj_pre" else shape.hidden_size
+    if site == "attn_o_proj_pre" and layer is not None:
+        return shape.heads * shape.head_width(layer)
+    return shape.hidden_size
 
 
-def _site_names(job: TraceJob, shape: ModelShape, sites: list[str]) -> list[tuple[str, str]]:
+def _site_names(
+    job: TraceJob, shape: ModelShape, sites: list[str]
+) -> list[tuple[str, int | None, str]]:
+    """(site, layer or None, tensor name) of each captured tensor."""
     layers = _trace_layers(job, shape)
     return [
-        (site, SITES[site].tensor_name(layer))
+        (site, layer, SITES[site].tensor_name(layer))
         for site in sites
         for layer in (layers if site in LAYER_SITES else [None])
     ]
@@ -376,8 +389,8 @@ def _trace_tensors(job: TraceJob, shape: ModelShape, tokens: Tokens) -> dict[str
     dtype = job.dtype.value
     sites = _trace_sites(job)
     out = {
-        name: TensorSpec(dtype, (b, k, _site_width(site, shape)))
-        for site, name in _site_names(job, shape, sites)
+        name: TensorSpec(dtype, (b, k, _site_width(site, shape, layer)))
+        for site, layer, name in _site_names(job, shape, sites)
     }
     out["final_logits"] = TensorSpec("float32", (b, k, shape.vocab_size))
     out["input_ids"] = TensorSpec("int64", (b, s))
@@ -386,8 +399,8 @@ def _trace_tensors(job: TraceJob, shape: ModelShape, tokens: Tokens) -> dict[str
         out["positions"] = TensorSpec("int64", (b, k))
     if job.gradients is not None:
         on_path = [site for site in sites if site != "logits"]
-        for site, name in _site_names(job, shape, on_path):
-            out[f"grad.{name}"] = TensorSpec(dtype, (b, k, _site_width(site, shape)))
+        for site, layer, name in _site_names(job, shape, on_path):
+            out[f"grad.{name}"] = TensorSpec(dtype, (b, k, _site_width(site, shape, layer)))
     return out
 
 
