@@ -352,7 +352,8 @@ PROBE_TEXTS = (
     "<s></s><pad><unk><|endoftext|><bos><eos>",
     "x" * 2000,
 )
-"""Texts on which the API's count with a published tokenizer must equal the worker's."""
+"""Texts on which the API's count with a published tokenizer must equal the worker's (and
+one of the tokenizer's own special tokens)."""
 
 
 def publish_tokenizer(conn: redis.Redis, tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -363,7 +364,7 @@ def publish_tokenizer(conn: redis.Redis, tokenizer: PreTrainedTokenizerBase) -> 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not tokenizer.is_fast or backend is None:
         return None
-    texts = list(PROBE_TEXTS)
+    texts = [*PROBE_TEXTS, " ".join(tokenizer.all_special_tokens)]
     try:
         sha256, blob = tokens.pack(backend.to_str())
         same = tokens.encoder(tokens.unpack(blob))(texts) == limits.encoder(tokenizer)(texts)
