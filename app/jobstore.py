@@ -36,7 +36,7 @@ import redis
 import redis.asyncio
 from redis.typing import EncodableT, FieldT
 
-from app.schemas import JobDocument, JobError, JobProgress, JobStatus, TensorInfo
+from app.schemas import JobDocument, JobError, JobEstimate, JobProgress, JobStatus, TensorInfo
 
 PREFIX = "lens"
 ANONYMOUS = "anonymous"
@@ -46,7 +46,7 @@ SUBMITTED = f"{PREFIX}:stats:submitted"
 FINISHED = f"{PREFIX}:stats:finished"
 DURATION_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600)
 """Upper bounds of the job-duration histogram (seconds from start to finish)."""
-_JSON_FIELDS = ("params", "progress", "error", "summary", "tensors")
+_JSON_FIELDS = ("params", "progress", "error", "summary", "tensors", "estimate")
 _LISTED = (
     *(f for f in JobDocument.model_fields if f not in ("params", "retries", "queue_position")),
     "owner",
@@ -291,10 +291,12 @@ class JobStore:
         params: dict[str, Any],
         pipeline: redis.client.Pipeline | None = None,
         job_id: str | None = None,
+        estimate: JobEstimate | None = None,
     ) -> JobDocument:
         """A new queued job's record; written with ``pipeline`` (not executed here) when
         given, so that the caller can enqueue the job in the same transaction. ``job_id``
-        is the id a place in the quota was reserved for (:meth:`reserve`)."""
+        is the id a place in the quota was reserved for (:meth:`reserve`); ``estimate``,
+        its cost as estimated at submission."""
         job_id = job_id or new_job_id()
         created = now()
         fields = {
@@ -306,6 +308,8 @@ class JobStore:
             "created_at": created.isoformat(),
             "params": encode_json(params),
         }
+        if estimate is not None:
+            fields["estimate"] = estimate.model_dump_json()
         pipe = pipeline if pipeline is not None else self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=cast("dict[FieldT, EncodableT]", fields))
         pipe.zadd(owner_index(owner), {job_id: created.timestamp()})

@@ -256,3 +256,20 @@ def publish_model_info(connection: redis.Redis, name: str, info: dict[str, Any])
 def model_infos(connection: redis.Redis) -> dict[str, dict[str, Any]]:
     infos = cast("dict[bytes, bytes]", connection.hgetall(MODELS_KEY))
     return {k.decode(): json.loads(v) for k, v in infos.items()}
+
+
+def tokenizer_key(sha256: str) -> str:
+    """A published tokenizer, by the hash of its content (``ModelInfo.tokenizer_sha256``):
+    models that share one share the key."""
+    return f"{PREFIX}:tokenizer:{sha256}"
+
+
+def publish_tokenizer(connection: redis.Redis, sha256: str, blob: bytes) -> None:
+    """Store a tokenizer (``app.tokens.pack``) once: megabytes for a large vocabulary, so
+    not again when a worker loads the model again, or another worker loads it."""
+    if not connection.exists(tokenizer_key(sha256)):
+        connection.set(tokenizer_key(sha256), blob)
+
+
+def published_tokenizer(connection: redis.Redis, sha256: str) -> bytes | None:
+    return cast("bytes | None", connection.get(tokenizer_key(sha256)))

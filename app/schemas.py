@@ -380,6 +380,17 @@ class TensorInfo(BaseModel):
     shape: list[int]
 
 
+class JobEstimate(BaseModel):
+    """What the API estimated at submission, from the model's published shape."""
+
+    result_bytes: int = Field(description="Bytes of the result's tensors.")
+    peak_bytes: int = Field(description="Peak bytes of the job's activations (a model of them).")
+    tokens: Literal["counted", "guessed"] = Field(
+        description="counted: with the model's own tokenizer, so result_bytes is exact; "
+        "guessed: from the texts' bytes (no worker had published a fast tokenizer)."
+    )
+
+
 class JobDocument(BaseModel):
     id: str
     kind: JobKind
@@ -396,6 +407,9 @@ class JobDocument(BaseModel):
     error: JobError | None = None
     summary: dict[str, Any] | None = None
     tensors: dict[str, TensorInfo] | None = None
+    estimate: JobEstimate | None = Field(
+        None, description="Its cost as estimated at submission (null: no shape published yet)."
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="The job's parameters.")
 
 
@@ -439,6 +453,11 @@ class ModelInfo(BaseModel):
         "(see error; its jobs get 503); waiting: no live worker has loaded it yet.",
     )
     error: str | None = Field(None, description="Why the model could not be loaded.")
+    tokenizer_sha256: str | None = Field(
+        None,
+        description="Hash of the fast tokenizer its worker published, which the API counts "
+        "tokens with at submission (null: none, token counts are guessed).",
+    )
 
 
 class ModelList(BaseModel):

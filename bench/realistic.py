@@ -92,7 +92,6 @@ def measure_shape(
         worker = next(iter(stack.workers.values())).pid
         row["load_seconds"] = _worker_info(stack)["load_seconds"][name]
         row["rss_after_load"] = status_bytes(worker, "VmRSS")
-        info = client.get_json(f"/v1/models/{name}")
         tokenizer = AutoTokenizer.from_pretrained(path)
         jobs = {
             "score": {"kind": "score", "texts": texts_of_length(tokenizer, 8, 64, seed=1)},
@@ -108,28 +107,18 @@ def measure_shape(
                 "worker_idle": idle,
                 "worker_peak": status_bytes(worker, "VmHWM"),
                 "result_bytes": trip.result_bytes,
-                "estimate": submission_estimate(body, info),
+                "estimate": submission_estimate(client, trip.job_id),
             }
             print(f"[shapes] {name}: {kind} {row[kind]}", flush=True)
     row["chg"] = chg_comparison(path, threads, chg_dtypes)
     return row
 
 
-def submission_estimate(body: dict[str, Any], model_info: dict[str, Any]) -> int | None:
-    """The result size the API estimates at submission, in bytes; ``None`` while the
-    estimator (issue 21: ``app/core/jobsize.py``) is not there. Hook: it calls
-    ``app.core.jobsize.estimate_result_bytes(job, model)`` with the parsed request
-    and the served model's ``ModelInfo``."""
-    from pydantic import TypeAdapter
-
-    from app.core import jobsize
-    from app.schemas import JobRequest, ModelInfo
-
-    estimator = getattr(jobsize, "estimate_result_bytes", None)
-    if estimator is None:
-        return None
-    job = TypeAdapter(JobRequest).validate_python(body)
-    return int(estimator(job, ModelInfo(**model_info)))
+def submission_estimate(client: BenchClient, job_id: str) -> int | None:
+    """The result size the API estimated at submission, in bytes, as it stored it in the
+    job's document (``estimate``); ``None`` where it made none (no shape published)."""
+    estimate = client.get_json(f"/v1/jobs/{job_id}").get("estimate")
+    return int(estimate["result_bytes"]) if estimate else None
 
 
 def chg_comparison(path: Path, threads: int | None, dtypes: list[str]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ the job, which then fails as out of memory while the worker lives on.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 from collections.abc import Iterable
@@ -23,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from app.core import jobsize
 from app.core.config import Limits, Settings
-from app.core.jobsize import describe_size, text_fields
+from app.core.jobsize import describe_size
 from app.schemas import JobRequest, ModelInfo
 from workers.lens.errors import InvalidParameter, LensError
 from workers.lens.loading import LoadedModel
@@ -38,11 +37,6 @@ class LimitExceeded(LensError):
     """A job is within the API's limits but its result would exceed the operator's."""
 
 
-TOKENIZE_CHUNK_CHARS = 1 << 20
-"""Texts are tokenised about this many characters at a time, so that a job far over the
-token limits is refused after its first chunk, not after all of it."""
-
-
 def check_job(
     job: JobRequest,
     lm: LoadedModel,
@@ -52,8 +46,8 @@ def check_job(
 ) -> None:
     """Everything a worker checks before it computes anything: the token limits
     (:func:`check_tokens`), then the result's size and the peak memory, estimated from
-    the real token counts (as the API did from guessed ones). Raises InvalidParameter or
-    LimitExceeded."""
+    the real token counts (as the API did, from the same counts where this worker published
+    its tokenizer, else from guessed ones). Raises InvalidParameter or LimitExceeded."""
     tokens = check_tokens(job, lm.tokenizer, limits, dataset_dir, counted)
     shape = model_shape(lm)
     if shape is None:
@@ -89,69 +83,24 @@ def check_tokens(
     counted: dict[str, list[int]] | None = None,
 ) -> dict[str, list[int]]:
     """Tokens per text and per job, each text tokenised on its own as the model sees it
-    (special tokens included); data sets are counted too. ``counted`` gives the token
-    counts of fields already tokenised (a batch's lengths), which are not tokenised again.
-    Returns the counts by field (:data:`app.core.jobsize.Tokens`); raises
-    InvalidParameter, as soon as a chunk of texts shows the job is over a limit."""
-    total = 0
-    found: dict[str, list[int]] = {}
-    for field, texts in _all_texts(job, dataset_dir):
-        if not texts:
-            continue
-        counts = (counted or {}).get(field)
-        if counts:
-            total = _count(field, counts, total, limits)
-        else:
-            counts = []
-            for chunk in _chunks(texts):
-                ids = tokenizer(chunk, add_special_tokens=True)["input_ids"]
-                counts += [len(i) for i in ids]
-                total = _count(field, counts[-len(chunk) :], total, limits)
-        found[field] = list(counts)
-    return found
+    (special tokens included), data sets too (:func:`app.core.jobsize.count_tokens`, as
+    the API counts them where this worker published its tokenizer). ``counted`` gives
+    the token counts of fields already tokenised (a batch's lengths). Returns the counts
+    by field; raises InvalidParameter, as soon as a chunk of texts shows the job is over
+    a limit."""
+    try:
+        return jobsize.count_tokens(job, encoder(tokenizer), limits, dataset_dir, counted)
+    except jobsize.TokenLimitExceeded as exc:
+        raise InvalidParameter(exc.field, str(exc)) from None
 
 
-def _count(field: str, counts: list[int], total: int, limits: Limits) -> int:
-    longest = max(counts)
-    if longest > limits.max_tokens_per_text:
-        raise InvalidParameter(
-            field,
-            f"a text of {longest} tokens exceeds the limit max_tokens_per_text = "
-            f"{limits.max_tokens_per_text}",
-        )
-    total += sum(counts)
-    if total > limits.max_tokens_per_job:
-        raise InvalidParameter(
-            "texts",
-            f"{total} tokens in all exceed the limit max_tokens_per_job = "
-            f"{limits.max_tokens_per_job}",
-        )
-    return total
+def encoder(tokenizer: PreTrainedTokenizerBase) -> jobsize.Encode:
+    """How the worker counts each text's tokens (special tokens included)."""
 
+    def encode(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
-def _chunks(texts: list[str]) -> Iterable[list[str]]:
-    """Runs of texts of about ``TOKENIZE_CHUNK_CHARS`` characters (one text at least)."""
-    chunk: list[str] = []
-    size = 0
-    for text in texts:
-        chunk.append(text)
-        size += len(text)
-        if size >= TOKENIZE_CHUNK_CHARS:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _all_texts(job: JobRequest, dataset_dir: Path) -> Iterable[tuple[str, list[str]]]:
-    yield from text_fields(job).items()
-    for field in ("dataset", "retain_dataset", "forget_dataset"):
-        dataset_id = getattr(job, field, None)
-        path = dataset_dir / f"{dataset_id}.json"
-        if dataset_id and path.is_file():
-            rows = json.loads(path.read_text())
-            yield f"{field}.prompt", [r["prompt"] for r in rows]
-            yield f"{field}.target", [r["target"] for r in rows]
+    return encode
 
 
 def check_result_size(tensors: dict[str, torch.Tensor], limits: Limits) -> None:

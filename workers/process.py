@@ -41,9 +41,10 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
+from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from app import queue
+from app import queue, tokens
 from app.blobstore import BlobStore
 from app.core.config import Settings
 from app.jobstore import JobStore, RunningJob
@@ -265,7 +266,7 @@ def run_worker(
         max_models=settings.max_resident_models,
         offload_dir=settings.data_dir / "offload",
     )
-    shapes, failed = _load_at_start(registry, names)
+    shapes, failed = _load_at_start(conn, registry, names)
     for model, shape in shapes.items():
         queue.publish_model_info(conn, model, shape)
     _publish_failures(conn, registry, failed)
@@ -323,21 +324,58 @@ def run_worker(
 
 
 def _load_at_start(
-    registry: ModelRegistry, names: list[str]
+    conn: redis.Redis, registry: ModelRegistry, names: list[str]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Each model's shape (what GET /v1/models reports), and for each that cannot load, why:
-    one log line that names it (the traceback at debug level)."""
+    """Each model's shape (what GET /v1/models reports), its tokenizer published, and for
+    each that cannot load, why: one log line that names it (the traceback at debug level)."""
     shapes: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     for name in names:
         source = registry.specs[name].source
         try:
-            shapes[name] = describe(name, registry.get(name))
+            lm = registry.get(name)
+            shapes[name] = describe(name, lm)
         except Exception as exc:
             failed[name] = f"cannot load it from {source}: {type(exc).__name__}: {exc}"
             log.debug("loading model %s failed", name, exc_info=True)
             log.error("cannot load model %s from %s: %s: %s", name, source, type(exc).__name__, exc)
+            continue
+        shapes[name]["tokenizer_sha256"] = publish_tokenizer(conn, lm.tokenizer)
     return shapes, failed
+
+
+PROBE_TEXTS = (
+    "The capital of France is Paris.",
+    "  spaces,\ta tab  and a\nnewline ",
+    "漢字かなカナ한국어, café, naïve, 🙂",
+    "",
+    "<s></s><pad><unk><|endoftext|><bos><eos>",
+    "x" * 2000,
+)
+"""Texts on which the API's count with a published tokenizer must equal the worker's (and
+one of the tokenizer's own special tokens)."""
+
+
+def publish_tokenizer(conn: redis.Redis, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Publish a fast tokenizer for the API's token counts at submission (``app.tokens``),
+    and return its hash; None (the API then guesses) for a slow one, or one that counts
+    otherwise through ``tokenizers`` alone than through transformers (the probe texts
+    tell: some tokenizer classes change the text in Python first)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not tokenizer.is_fast or backend is None:
+        return None
+    texts = [*PROBE_TEXTS, " ".join(tokenizer.all_special_tokens)]
+    try:
+        sha256, blob = tokens.pack(backend.to_str())
+        same = tokens.encoder(tokens.unpack(blob))(texts) == limits.encoder(tokenizer)(texts)
+    except Exception as exc:  # tokenizers raises plain Exceptions; the model serves anyway
+        log.warning("tokenizer not published, it does not serialise: %s", exc)
+        return None
+    if not same:
+        log.warning("tokenizer not published: it counts otherwise through tokenizers alone")
+        return None
+    queue.publish_tokenizer(conn, sha256, blob)
+    return sha256
 
 
 def _publish_failures(conn: redis.Redis, registry: ModelRegistry, failed: dict[str, str]) -> None:

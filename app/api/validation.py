@@ -4,6 +4,7 @@ other jobs and data sets. Failing early here beats a job that fails minutes late
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, status
@@ -18,6 +19,7 @@ from app.schemas import (
     AttributeJob,
     CchgJob,
     ChgJob,
+    JobEstimate,
     JobKind,
     JobStatus,
     ModelInfo,
@@ -37,8 +39,8 @@ def too_large(message: str) -> HTTPException:
 
 
 def check_limits(job: Request, limits: Limits) -> None:
-    """Operator limits the API can count (413 for sizes, 422 for counts), each reported by
-    its name; token counts are the worker's (it has the tokenizer)."""
+    """Operator limits the API can count without a tokenizer (413 for sizes, 422 for
+    counts), each reported by its name; token limits come after (:func:`estimate_cost`)."""
     for field, texts in text_fields(job).items():
         if len(texts) > limits.max_texts:
             raise too_large(
@@ -169,28 +171,55 @@ def check_fit_rows(job: Request, datasets: dict[str, DatasetSize], limits: Limit
         )
 
 
-def check_cost(
-    job: Request, info: ModelInfo, limits: Limits, datasets: dict[str, DatasetSize]
-) -> None:
-    """The result's size and the job's peak memory, estimated from the model's shape with
-    tokens guessed from the texts' bytes (413 naming the estimate and what to lower); the
-    worker estimates again from the real token counts before it computes anything."""
+def estimate_cost(
+    job: Request,
+    info: ModelInfo,
+    limits: Limits,
+    datasets: dict[str, DatasetSize],
+    dataset_dir: Path,
+    encode: jobsize.Encode | None,
+) -> JobEstimate | None:
+    """Count the job's tokens (413 over a token limit), then estimate its result's size
+    and peak memory from the model's shape (413 naming the estimate and what to lower);
+    None before any worker published the shape. ``encode``: the model's published
+    tokenizer (:mod:`app.tokens`), which counts as the worker will; without one, tokens
+    are guessed from the texts' bytes and the worker estimates again from the real
+    counts before it computes anything."""
+    tokens = _counted(job, limits, dataset_dir, encode) if encode is not None else {}
     shape = jobsize.ModelShape.of(info)
     if shape is None:
-        return
-    cap = min(limits.max_tokens_per_text, shape.max_context or limits.max_tokens_per_text)
-    tokens = jobsize.guessed_tokens(job, cap, datasets)
+        return None
+    # A data set whose file expired since its record was read is guessed (the worker
+    # refuses the job anyway).
+    guessed = encode is None or any(f"{field}.prompt" not in tokens for field in datasets)
+    if guessed:
+        cap = min(limits.max_tokens_per_text, shape.max_context or limits.max_tokens_per_text)
+        tokens = jobsize.guessed_tokens(job, cap, datasets) | tokens
     try:
-        jobsize.check_cost(
+        cost = jobsize.check_cost(
             job,
             shape,
             tokens,
             max_result_bytes=limits.max_result_bytes,
             max_memory_bytes=jobsize.memory_limit(shape, limits.max_job_memory_bytes),
-            guessed=True,
+            guessed=guessed,
         )
     except jobsize.JobTooLarge as exc:
         raise too_large(str(exc)) from None
+    return JobEstimate(
+        result_bytes=cost.result_bytes,
+        peak_bytes=cost.peak_bytes,
+        tokens="guessed" if guessed else "counted",
+    )
+
+
+def _counted(
+    job: Request, limits: Limits, dataset_dir: Path, encode: jobsize.Encode
+) -> dict[str, list[int]]:
+    try:
+        return jobsize.count_tokens(job, encode, limits, dataset_dir)
+    except jobsize.TokenLimitExceeded as exc:
+        raise too_large(f"{exc.field}: {exc}") from None
 
 
 def check_shape(job: Request, info: ModelInfo) -> None:

@@ -91,18 +91,19 @@ class Limits(BaseModel):
     """Operator limits; each one reported by name in the error that enforces it.
 
     The API checks what it can count without a tokenizer (413 or 422 at submission),
-    and estimates the result's size and the peak memory from the model's published shape
-    with tokens guessed from the texts' bytes (413). The worker, which has the tokenizer,
-    counts the tokens and estimates again, exactly, before any compute; it checks the
-    result's tensors once more before anything is written (InvalidParameter, LimitExceeded).
+    then counts tokens with the tokenizer the model's worker published (token limits:
+    413; else it guesses them from the texts' bytes), and estimates the result's size and
+    the peak memory from the model's published shape (413). The worker counts the tokens
+    and estimates again before any compute; it checks the result's tensors once more
+    before anything is written (InvalidParameter, LimitExceeded).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     max_texts: int = Field(1024, ge=1, description="Texts in any one text field of a job.")
     max_text_chars: int = Field(100_000, ge=1, description="Characters in any one text.")
-    max_tokens_per_text: int = Field(8192, ge=1, description="Tokens in any one text (worker).")
-    max_tokens_per_job: int = Field(1_048_576, ge=1, description="Tokens in all texts (worker).")
+    max_tokens_per_text: int = Field(8192, ge=1, description="Tokens in any one text.")
+    max_tokens_per_job: int = Field(1_048_576, ge=1, description="Tokens in all texts.")
     max_masks: int = Field(64, ge=1, description="num_masks of a chg or cchg job.")
     max_mask_batch: int = Field(
         4096, ge=1, description="num_masks × batch_size: sequences in one gated forward pass."

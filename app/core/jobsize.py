@@ -2,10 +2,13 @@
 workers (token limits, the exact estimate before compute, out-of-memory messages).
 Torch-free.
 
-:func:`result_tensors` names every tensor a job's result will hold, with its dtype and
-shape, from the model's shape and the token count of each text: results are
-deterministic in shape, so given the real token counts (the worker's) it is exact. The
-API has no tokenizer and passes counts guessed from each text's bytes
+:func:`count_tokens` counts each text's tokens and applies the token limits, with
+whichever tokenizer it is given: the worker's own, or in the API the fast tokenizer a
+worker published (``app.tokens``), so both count alike. :func:`result_tensors` names
+every tensor a job's result will hold, with its dtype and shape, from the model's shape
+and the token count of each text: results are deterministic in shape, so given the real
+token counts it is exact. Where no tokenizer was published (a slow one, or no worker has
+loaded the model yet), the API passes counts guessed from each text's bytes
 (:func:`guess_tokens`). :func:`peak_bytes` estimates the activations a job holds at its
 peak; it is a model of the computation, not a measurement, and errs low rather than high
 (attention is taken to run in a fused kernel, with no [seq, seq] matrix).
@@ -13,11 +16,14 @@ peak; it is a model of the computation, not a measurement, and errs low rather t
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from app.core.config import Limits
 from app.schemas import (
     AblateJob,
     AttributeJob,
@@ -100,7 +106,9 @@ def pattern_samples(job: JobRequest) -> int | None:
 @dataclass(frozen=True)
 class ModelShape:
     """What sizes a job on a model: its geometry, the bytes of one activation element
-    (its dtype) and the memory its device has for jobs (None: unknown)."""
+    (its dtype) and the memory its device has for jobs (None: unknown). ``head_dims``:
+    each layer's head width where they differ (Gemma 4), else empty; ``head_dim`` is
+    then the widest."""
 
     layers: int
     heads: int
@@ -111,11 +119,16 @@ class ModelShape:
     dtype_bytes: int = 4
     max_context: int | None = None
     memory_bytes: int | None = None
+    head_dims: tuple[int, ...] = ()
+
+    def head_width(self, layer: int) -> int:
+        return self.head_dims[layer] if self.head_dims else self.head_dim
 
     @classmethod
     def of(cls, info: ModelInfo) -> ModelShape | None:
         """The shape a worker published (GET /v1/models); None before one has."""
-        sizes = (info.layers, info.heads, info.head_dim, info.hidden_size, info.vocab_size)
+        head_dim = info.head_dim or max(info.head_dims or [0]) or None
+        sizes = (info.layers, info.heads, head_dim, info.hidden_size, info.vocab_size)
         if any(v is None for v in sizes):
             return None
         layers, heads, head_dim, hidden, vocab = (int(v or 0) for v in sizes)
@@ -132,6 +145,7 @@ class ModelShape:
             dtype_bytes=ITEM_BYTES.get(info.dtype or "float32", 4),
             max_context=info.max_context,
             memory_bytes=memory,
+            head_dims=tuple(info.head_dims or ()) if info.head_dim is None else (),
         )
 
 
@@ -148,6 +162,98 @@ class TensorSpec:
 Tokens = Mapping[str, Sequence[int]]
 """Token count of each text, by field as :func:`text_fields` names them; data sets as
 ``<field>.prompt`` and ``<field>.target``."""
+
+Encode = Callable[[list[str]], list[int]]
+"""A tokenizer as :func:`count_tokens` uses it: the token count of each text, each text
+tokenised on its own as the model sees it (special tokens included)."""
+TOKENIZE_CHUNK_CHARS = 1 << 18
+"""Texts are tokenised about this many characters at a time, so that a job far over the
+token limits is refused after its first chunk, not after all of it."""
+
+
+class TokenLimitExceeded(ValueError):
+    """A text or a job over ``max_tokens_per_text`` or ``max_tokens_per_job``; ``field``
+    names where (the worker reports it as InvalidParameter, the API as a 413)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def texts_to_count(job: JobRequest, dataset_dir: Path) -> Iterator[tuple[str, list[str]]]:
+    """Every text a job's token limits count, by field (:data:`Tokens`' names): the inline
+    ones, then each data set's prompts and targets (a data set without its file, expired
+    since, has none)."""
+    yield from text_fields(job).items()
+    for field in DATASET_FIELDS:
+        dataset_id = getattr(job, field, None)
+        path = dataset_dir / f"{dataset_id}.json"
+        if dataset_id and path.is_file():
+            rows = json.loads(path.read_text())
+            yield f"{field}.prompt", [r["prompt"] for r in rows]
+            yield f"{field}.target", [r["target"] for r in rows]
+
+
+def count_tokens(
+    job: JobRequest,
+    encode: Encode,
+    limits: Limits,
+    dataset_dir: Path,
+    counted: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, list[int]]:
+    """The token count of each text of the job, by field (:data:`Tokens`), each text
+    tokenised on its own by ``encode``; ``counted`` gives the counts of fields already
+    tokenised (a batch's lengths), which are not tokenised again. Raises
+    :class:`TokenLimitExceeded` as soon as a chunk of texts shows the job is over a
+    limit."""
+    total = 0
+    found: dict[str, list[int]] = {}
+    for field, texts in texts_to_count(job, dataset_dir):
+        if not texts:
+            continue
+        known = (counted or {}).get(field)
+        if known:
+            counts = list(known)
+            total = _add_counts(field, counts, total, limits)
+        else:
+            counts = []
+            for chunk in _chunks(texts):
+                counts += encode(chunk)
+                total = _add_counts(field, counts[-len(chunk) :], total, limits)
+        found[field] = counts
+    return found
+
+
+def _add_counts(field: str, counts: list[int], total: int, limits: Limits) -> int:
+    longest = max(counts)
+    if longest > limits.max_tokens_per_text:
+        raise TokenLimitExceeded(
+            field,
+            f"a text of {longest} tokens exceeds the limit max_tokens_per_text = "
+            f"{limits.max_tokens_per_text}",
+        )
+    total += sum(counts)
+    if total > limits.max_tokens_per_job:
+        raise TokenLimitExceeded(
+            "texts",
+            f"{total} tokens in all exceed the limit max_tokens_per_job = "
+            f"{limits.max_tokens_per_job}",
+        )
+    return total
+
+
+def _chunks(texts: list[str]) -> Iterable[list[str]]:
+    """Runs of texts of about ``TOKENIZE_CHUNK_CHARS`` characters (one text at least)."""
+    chunk: list[str] = []
+    size = 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= TOKENIZE_CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def guess_tokens(text: str, cap: int | None = None) -> int:
@@ -257,16 +363,21 @@ def _kept(job: TraceJob, seq: int) -> int:
     return 1 if job.positions == "last" else len(job.positions)
 
 
-def _site_width(site: str, shape: ModelShape) -> int:
+def _site_width(site: str, shape: ModelShape, layer: int | None) -> int:
     if site == "logits":
         return shape.vocab_size
-    return shape.heads * shape.head_dim if site == "attn_o_proj_pre" else shape.hidden_size
+    if site == "attn_o_proj_pre" and layer is not None:
+        return shape.heads * shape.head_width(layer)
+    return shape.hidden_size
 
 
-def _site_names(job: TraceJob, shape: ModelShape, sites: list[str]) -> list[tuple[str, str]]:
+def _site_names(
+    job: TraceJob, shape: ModelShape, sites: list[str]
+) -> list[tuple[str, int | None, str]]:
+    """(site, layer or None, tensor name) of each captured tensor."""
     layers = _trace_layers(job, shape)
     return [
-        (site, SITES[site].tensor_name(layer))
+        (site, layer, SITES[site].tensor_name(layer))
         for site in sites
         for layer in (layers if site in LAYER_SITES else [None])
     ]
@@ -278,8 +389,8 @@ def _trace_tensors(job: TraceJob, shape: ModelShape, tokens: Tokens) -> dict[str
     dtype = job.dtype.value
     sites = _trace_sites(job)
     out = {
-        name: TensorSpec(dtype, (b, k, _site_width(site, shape)))
-        for site, name in _site_names(job, shape, sites)
+        name: TensorSpec(dtype, (b, k, _site_width(site, shape, layer)))
+        for site, layer, name in _site_names(job, shape, sites)
     }
     out["final_logits"] = TensorSpec("float32", (b, k, shape.vocab_size))
     out["input_ids"] = TensorSpec("int64", (b, s))
@@ -288,8 +399,8 @@ def _trace_tensors(job: TraceJob, shape: ModelShape, tokens: Tokens) -> dict[str
         out["positions"] = TensorSpec("int64", (b, k))
     if job.gradients is not None:
         on_path = [site for site in sites if site != "logits"]
-        for site, name in _site_names(job, shape, on_path):
-            out[f"grad.{name}"] = TensorSpec(dtype, (b, k, _site_width(site, shape)))
+        for site, layer, name in _site_names(job, shape, on_path):
+            out[f"grad.{name}"] = TensorSpec(dtype, (b, k, _site_width(site, shape, layer)))
     return out
 
 
@@ -427,6 +538,19 @@ class JobTooLarge(ValueError):
     estimate, the limit and what to lower."""
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """A job's cost as estimated before it runs: its result's tensor bytes (exact, given
+    true token counts) and its peak activation bytes (a model of the computation)."""
+
+    result_bytes: int
+    peak_bytes: int
+
+
+def estimate(job: JobRequest, shape: ModelShape, tokens: Tokens) -> Estimate:
+    return Estimate(result_bytes(job, shape, tokens), peak_bytes(job, shape, tokens))
+
+
 def check_cost(
     job: JobRequest,
     shape: ModelShape,
@@ -435,27 +559,27 @@ def check_cost(
     max_result_bytes: int,
     max_memory_bytes: int | None,
     guessed: bool,
-) -> None:
-    """Refuse a job whose result or peak memory, estimated from ``tokens``, is over its
-    limit (``max_memory_bytes``: the smaller of the operator's and the device's, if any)."""
+) -> Estimate:
+    """The job's :class:`Estimate` from ``tokens``; refuses a job whose result or peak
+    memory is over its limit (``max_memory_bytes``: the smaller of the operator's and the
+    device's, if any)."""
     how = "tokens guessed from the texts' bytes" if guessed else "its texts' token counts"
-    size = result_bytes(job, shape, tokens)
+    cost = estimate(job, shape, tokens)
+    size = cost.result_bytes
     if size > max_result_bytes:
         raise JobTooLarge(
             f"the result would hold {size} bytes ({_gib(size)}) of tensors, estimated from "
             f"the model's shape and {how}, over the limit max_result_bytes = "
             f"{max_result_bytes}: {_RESULT_ADVICE[job.kind]}"
         )
-    if max_memory_bytes is None:
-        return
-    peak = peak_bytes(job, shape, tokens)
-    if peak > max_memory_bytes:
+    if max_memory_bytes is not None and cost.peak_bytes > max_memory_bytes:
         raise JobTooLarge(
-            f"the job would need about {_gib(peak)} of memory at its peak, estimated from the "
-            f"model's shape and {how}, over the {_gib(max_memory_bytes)} a job may use on this "
-            f"model (max_job_memory_bytes, or its device's memory less the model): "
-            f"{_MEMORY_ADVICE[job.kind]}"
+            f"the job would need about {_gib(cost.peak_bytes)} of memory at its peak, "
+            f"estimated from the model's shape and {how}, over the {_gib(max_memory_bytes)} "
+            f"a job may use on this model (max_job_memory_bytes, or its device's memory "
+            f"less the model): {_MEMORY_ADVICE[job.kind]}"
         )
+    return cost
 
 
 def memory_limit(shape: ModelShape, operator: int | None) -> int | None:

@@ -10,8 +10,9 @@ import redis
 import redis.asyncio.connection
 import redis.connection
 
-from app import queue
+from app import queue, tokens
 from app.core.redis_server import RedisServer
+from tests.app.test_token_counts import word_tokenizer
 from tests.conftest import api_client
 
 
@@ -68,8 +69,12 @@ def test_a_submission_reads_and_queues_in_two_round_trips(
 ) -> None:
     """Counting it in flight, the model's shape and the quota in one round trip (asyncio);
     the record and the queue in a second (in the thread pool). A job waits on each one
-    before it can start. A refused submission's count goes down again."""
-    queue.publish_model_info(redis_conn, "m", {"name": "m", "source": "/nowhere", "vocab_size": 87})
+    before it can start. A refused submission's count goes down again. The model's
+    tokenizer is read once, by the first submission."""
+    sha256, blob = tokens.pack(word_tokenizer().to_str())
+    queue.publish_tokenizer(redis_conn, sha256, blob)
+    info = {"name": "m", "source": "/nowhere", "vocab_size": 87, "tokenizer_sha256": sha256}
+    queue.publish_model_info(redis_conn, "m", info)
     sent: list[str] = []
     for connection in (redis.connection.Connection, redis.asyncio.connection.Connection):
         original = connection.send_packed_command

@@ -1,5 +1,6 @@
 """Every supported family served for real: one worker holds a tiny model of each, and
-score, trace, chg, ablate and attribute jobs succeed on all of them."""
+score, trace, chg, ablate and attribute jobs succeed on all of them; score and trace
+results are the size estimated at submission."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from app.stack import Stack
 from tests.conftest import running_stack, service_settings
+from tests.integration.test_estimates import tensor_bytes
 from tests.integration.test_service import submit, wait
 from workers.lens.testing import FAMILIES, build_tiny_model
 
@@ -68,5 +70,9 @@ def test_every_kind_succeeds(client: httpx.Client, family: str) -> None:
     for kind, doc in submitted.items():
         final = wait(client, doc["id"], timeout=300)
         assert final["status"] == "succeeded", (family, kind, final["error"])
+    for kind in ("score", "trace"):  # the estimate made at submission, with counted tokens
+        doc = submitted[kind]
+        real = tensor_bytes(client.get(f"/v1/jobs/{doc['id']}/result").content)
+        assert doc["estimate"] == {**doc["estimate"], "result_bytes": real, "tokens": "counted"}
     ablated = wait(client, submitted["ablate"]["id"])["summary"]
     assert ablated["heads_on"] == ablated["heads_total"] - 1

@@ -1,5 +1,6 @@
-"""Limits only a worker can check (tokens need the tokenizer, result sizes the tensors),
-end to end through the API and the real worker code, run in-process in burst mode."""
+"""Token and result limits end to end through the API and the real worker code, run
+in-process in burst mode: checked by the worker (the backstop) for jobs submitted before
+any worker published the model's tokenizer, and by the API at submission after."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
 from app.core.config import Limits, ModelSpec, Settings
+from app.core.jobsize import TensorSpec
 from app.core.redis_server import RedisServer
 from app.main import create_app
 from tests.conftest import JSONL, LOCAL
@@ -104,6 +106,32 @@ def test_token_and_result_limits_fail_the_job_by_name(
     assert d["status"] == "failed" and d["error"]["type"] == "LimitExceeded"
     assert "max_result_bytes = 20000" in d["error"]["message"]
     assert not list(settings.blob_dir.glob(f"*/{too_big}*"))
+
+
+def test_once_a_worker_published_its_tokenizer_the_api_refuses_at_submission(
+    client: TestClient, settings: Settings
+) -> None:
+    """The same jobs as above, once the worker has loaded the model: refused by the API
+    with the worker's own words (413), and the one that fits gets an exact estimate."""
+    drain(settings)  # loads the model, publishes its shape and tokenizer, finds no job
+    long_text = "red cat blue dog red cat blue dog red"
+    short = "red cat blue dog | red"
+    for texts, message in (
+        ([short, long_text], "texts: a text of 10 tokens exceeds the limit max_tokens_per_text"),
+        ([short] * 3, "texts: 21 tokens in all exceed the limit max_tokens_per_job = 20"),
+    ):
+        r = client.post("/v1/jobs", json={"model": "demo", "kind": "score", "texts": texts})
+        assert r.status_code == 413, r.text
+        assert r.json()["detail"].startswith(message)
+    r = client.post("/v1/jobs", json={"model": "demo", "kind": "trace", "texts": short})
+    assert r.status_code == 413 and "max_result_bytes = 20000" in r.text
+    ok = client.post("/v1/jobs", json={"model": "demo", "kind": "score", "texts": short})
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["estimate"]["tokens"] == "counted"
+    drain(settings)
+    done = client.get(f"/v1/jobs/{ok.json()['id']}").json()
+    real = sum(TensorSpec(t["dtype"], tuple(t["shape"])).nbytes for t in done["tensors"].values())
+    assert done["status"] == "succeeded" and done["estimate"]["result_bytes"] == real
 
 
 def test_result_size_counts_every_tensor() -> None:

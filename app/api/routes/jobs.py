@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from app import queue
+from app import queue, tokens
 from app.api import validation
 from app.api.deps import (
     AsyncRedisDep,
@@ -127,9 +127,10 @@ def _queue_job(
     submission: queue.Submission,
     model_shape: bytes | None,
 ) -> JobDocument:
-    """Checks (limits, the model's shape, sources, data sets, the estimated cost), then
-    the job. ``model_shape``: the model's info as its worker published it (JSON; None
-    before any worker has)."""
+    """Checks (limits, the model's shape, sources, data sets, then the token limits and the
+    estimated cost), then the job. ``model_shape``: the model's info as its worker
+    published it (JSON; None before any worker has). Run in the thread pool: counting a
+    large body's tokens takes a while, without the GIL (:mod:`app.tokens`)."""
     limits = settings.limits
     validation.check_limits(job, limits)
     info = ModelInfo.model_validate_json(model_shape) if model_shape is not None else None
@@ -151,8 +152,12 @@ def _queue_job(
         validation.check_dataset(field, found[1], limits)
         datasets[field] = found[1]
     validation.check_fit_rows(job, datasets, limits)
+    estimate = None
     if info is not None:
-        validation.check_cost(job, info, limits, datasets)
+        encode = tokens.published_encoder(conn, info.tokenizer_sha256)
+        estimate = validation.estimate_cost(
+            job, info, limits, datasets, settings.dataset_dir, encode
+        )
     for dataset_id in validation.dataset_fields(job).values():
         conn.expire(dataset_key(dataset_id), settings.result_ttl_s)
     # One transaction: the record, the end of the submission's in-flight count (just as
@@ -167,6 +172,7 @@ def _queue_job(
         params=validation.public_params(job),
         pipeline=pipe,
         job_id=job_id,
+        estimate=estimate,
     )
     request.state.job_id = doc.id
     submission.done_with(pipe)
