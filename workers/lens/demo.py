@@ -46,6 +46,8 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SEPARATOR = "|"
 NEWLINE = "\n"
 PERIOD = "."
+MARK = "^"
+"""Marks a word of the aba/abb task's rows (``red^ cat^ red``); a token of its own."""
 
 WORDS: tuple[str, ...] = (
     # colours
@@ -102,24 +104,27 @@ class _CopyBatch:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The demo's word-level tokenizer: words split on spaces, ``\\n`` a token of its own."""
-    tokens = [PAD, BOS, EOS, UNK, NEWLINE, SEPARATOR, PERIOD, *WORDS]
+    tokens = [PAD, BOS, EOS, UNK, NEWLINE, SEPARATOR, PERIOD, MARK, *WORDS]
     vocab = {token: i for i, token in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
             pre_tokenizers.Split(NEWLINE, behavior="isolated"),
+            pre_tokenizers.Split(MARK, behavior="isolated"),
         ]
     )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    # Decoding joins words with one space but none around a newline, so texts round-trip.
+    # Decoding joins words with one space but none around a newline or before a mark, so
+    # texts round-trip.
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace(Regex(r"^(?=[^\n])"), " "),
             decoders.Fuse(),
             decoders.Replace("\n ", "\n"),
+            decoders.Replace(f" {MARK}", MARK),
             decoders.Strip(" ", 1, 0),
         ]
     )
