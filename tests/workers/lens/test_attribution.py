@@ -132,7 +132,10 @@ def test_matches_hand_written_reference(
     lm = request.getfixturevalue("lm" if model == "tiny" else "demo")
     document, sentences, summary = CASES[model]
     assert list(mask.shape) == [lm.adapter.num_layers, lm.adapter.num_heads]
-    result = attribute(lm, document, sentences, summary, mask, aggregate=how)
+    result = attribute(
+        lm, document, sentences, summary, mask,
+        aggregate=how, target_join="raw", normalize="none", loss="sum",
+    )  # fmt: skip
     scores, norms, owners = _reference(lm, document, sentences, summary, mask, how)
     got = result.summary["scores"]
     assert len(got) == len(sentences) and all(math.isfinite(s) for s in got)
@@ -174,6 +177,37 @@ def test_the_copied_sentence_scores_highest_through_the_copy_circuit(demo: Loade
         margin = with_circuit[0] / with_circuit[1]
         assert margin > 1.5, (copied, other, with_circuit)
         assert margin > 2 * without[0] / without[1], (copied, other, with_circuit, without)
+
+
+def test_defaults_are_the_seeds(lm: LoadedModel, mask: torch.Tensor) -> None:
+    """Mean loss, scores over their maximum, and the summary tokenised apart with a space."""
+    raw = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, mask, normalize="none", loss="sum")
+    default = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, mask)
+    n = default.summary["summary_tokens"]
+    torch.testing.assert_close(
+        default.tensors["token_grad_norms"], raw.tensors["token_grad_norms"] / n
+    )
+    scores = torch.tensor(raw.summary["scores"])
+    assert default.summary["scores"] == pytest.approx((scores / scores.max()).tolist(), rel=1e-5)
+    assert max(default.summary["scores"]) == pytest.approx(1.0)
+    document = lm.tokenizer(DOCUMENT)["input_ids"]
+    summary = lm.tokenizer(" " + SUMMARY, add_special_tokens=False)["input_ids"]
+    assert default.tensors["input_ids"].tolist() == document + summary
+    assert default.summary["document_tokens"] == len(document) and n == len(summary)
+    assert (default.summary["target_join"], default.summary["normalize"]) == ("space", "max")
+    assert default.summary["loss"] == "mean"
+
+
+def test_summary_nll_with_all_heads_and_through_the_circuit(
+    lm: LoadedModel, mask: torch.Tensor
+) -> None:
+    gated = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, mask).summary
+    full = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, torch.ones_like(mask)).summary
+    n = gated["summary_tokens"]
+    assert gated["summary_nll"]["circuit"] == pytest.approx(-gated["summary_log_likelihood"] / n)
+    assert gated["summary_nll"]["all_heads"] == pytest.approx(full["summary_nll"]["circuit"])
+    assert full["summary_nll"]["all_heads"] == pytest.approx(full["summary_nll"]["circuit"])
+    assert gated["summary_nll"]["circuit"] != pytest.approx(gated["summary_nll"]["all_heads"])
 
 
 def test_repeated_sentences_map_to_successive_occurrences(
@@ -218,9 +252,8 @@ def test_checkpointing_recomputes_and_gives_the_same_scores(
         ckpt = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, mask, checkpoint_above=1)
     finally:
         handle.remove()
-    assert (
-        n_plain == 1 and len(calls) - n_plain == 2
-    )  # forward, then recomputed in the backward pass
+    # The gradient pass and the all-heads pass; then the first is recomputed in the backward.
+    assert n_plain == 2 and len(calls) - n_plain == 3
     assert not plain.summary["checkpointed"] and ckpt.summary["checkpointed"]
     torch.testing.assert_close(
         ckpt.tensors["token_grad_norms"], plain.tensors["token_grad_norms"], rtol=1e-5, atol=1e-6
@@ -285,6 +318,9 @@ def test_bad_mask_names_the_field(lm: LoadedModel, bad: torch.Tensor) -> None:
 def test_other_bad_input(lm: LoadedModel, mask: torch.Tensor) -> None:
     for kwargs, field in [
         ({"aggregate": "median"}, "aggregate"),
+        ({"normalize": "sum"}, "normalize"),
+        ({"loss": "max"}, "loss"),
+        ({"target_join": "glue"}, "target_join"),
         ({"summary": " "}, "summary"),
         ({"document": ""}, "document"),
     ]:
