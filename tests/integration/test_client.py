@@ -167,7 +167,7 @@ def test_errors_map_to_exceptions(lens: LensClient, demo):
         lens.model("no-such-model").score("red cat")
     with pytest.raises(NotFound):
         lens.model("no-such-model").info()
-    assert demo.info()["heads"] == 4 and demo.info()["worker_alive"]
+    assert demo.info()["heads"] == 8 and demo.info()["worker_alive"]
     with pytest.raises(InvalidRequest) as invalid:
         demo.score("red cat", temperature=-1.0)
     assert invalid.value.status == 422 and "temperature" in str(invalid.value)

@@ -1,20 +1,22 @@
 """The demo model lens-server builds for itself, since no model hub is reachable.
 
-A word-level tokenizer over a few dozen English words and a Llama of 4 layers × 8
-heads, trained for about half a minute on CPU on two tasks:
+A word-level tokenizer over a few dozen English words and a Llama of 3 layers × 8
+heads, trained for about a minute of CPU time on two tasks:
 
 - copy a random word sequence after a separator: ``red cat blue dog | red cat blue``
   → ``dog``. Copying needs induction heads (a previous-token head, then a head that
-  attends to the token after the current token's earlier occurrence), so the model has
-  a known circuit for the analyses to find;
+  attends to the token after the current token's earlier occurrence). The training
+  copies skip the next word now and then (``SKIP``, at each word), so the model also
+  keeps a weaker mechanism that predicts the word after next: on the clean copies the
+  analyses use, those heads only hurt;
 - the aba/abb rule task of the CHG paper, in the authors' format
   (`` red^ cat^ red`` lines, see ``workers.lens.data.generate_pattern``): each line's
-  third word repeats its first (aba) or its second (abb), one rule per sequence.
+  third word repeats its first (aba) or its second (abb), one rule per sequence. Its
+  heads have nothing to do with copying.
 
-Two tasks on 32 heads leave heads that one task needs and the other does not, or that
-the other task's machinery makes harmful to it: a chg fit on the copy task finds
-facilitating, irrelevant and interfering heads (``lens demo`` shows them, with the
-ablations that confirm each role).
+So a chg fit on the copy task finds facilitating, irrelevant and interfering heads, each
+with a known cause (``lens demo`` shows them, with the ablations that confirm each role;
+``DEMO_CHG`` holds that fit's settings).
 
 Targets are words; the service joins them to their prompt with a space
 (``target_join="space"``), as users of the seed library write them (``"dog"``).
@@ -30,7 +32,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -80,15 +82,18 @@ WORDS: tuple[str, ...] = (
 """The words of the vocabulary; each one is a single token."""
 
 MIN_COPY_LENGTH = 3
-MAX_COPY_LENGTH = 12
+MAX_COPY_LENGTH = 8
 """Lengths of the word sequences the model learned to copy."""
 MIN_PATTERN_LINES = 2
-MAX_PATTERN_LINES = 6
+MAX_PATTERN_LINES = 5
 """Lines per aba/abb sequence in training (``generate_pattern`` writes five)."""
 
-TASKS = ("skipping copy", "pattern")
-SKIP = 0.15
+TASKS = ("skipping copy", "skipping copy", "pattern")
+"""A training batch cycles through these: two thirds copies, one third aba/abb rows."""
+SKIP = 0.2
+"""Chance that a training copy skips the next word (``w1 w3 …``), at each word."""
 EVAL_TASKS = ("copy", "pattern")
+"""Held-out accuracy is measured on clean copies."""
 """A training batch cycles through these: half copy, a quarter each reverse and aba/abb."""
 LAYERS = 3
 HEADS = 8
@@ -106,7 +111,7 @@ DEMO_CHG = {
     "prompts": 48,
     "data_seed": 7,
     "num_masks": 4,
-    "num_updates": 150,
+    "num_updates": 300,
     "batch_size": 16,
     "seed": 0,
 }
@@ -227,14 +232,6 @@ def _copy_row(
     return [vocab[BOS], *words, vocab[SEPARATOR], *copied], list(range(n + 1, n + len(copied) + 1))
 
 
-def _reverse_row(rng: random.Random, vocab: dict[str, int]) -> tuple[list[int], list[int]]:
-    """``<bos> w1 … wn | wn … w1``, and the positions that predict a reversed word. The
-    separator is the copy task's: only the output itself tells the two tasks apart."""
-    words = [vocab[w] for w in _copy_words(rng, rng.randint(MIN_COPY_LENGTH, MAX_COPY_LENGTH))]
-    n = len(words)
-    return [vocab[BOS], *words, vocab[SEPARATOR], *words[::-1]], list(range(n + 1, 2 * n + 1))
-
-
 def _pattern_row(rng: random.Random, vocab: dict[str, int]) -> tuple[list[int], list[int]]:
     """``<bos> a ^ b ^ a \\n c ^ d ^ c …`` under one rule, and the positions that predict
     a third word after the first line (the first line's is a guess between two)."""
@@ -252,11 +249,10 @@ def _pattern_row(rng: random.Random, vocab: dict[str, int]) -> tuple[list[int], 
 
 
 def _batch(rng: random.Random, vocab: dict[str, int], size: int, task: str | None) -> _Batch:
-    """A batch of one task's rows, or of both tasks' in equal shares (``task`` None)."""
-    makers = {
+    """A batch of one task's rows, or of the training mix (``TASKS``, when ``task`` is None)."""
+    makers: dict[str, Callable[[random.Random, dict[str, int]], tuple[list[int], list[int]]]] = {
         "copy": _copy_row,
         "skipping copy": partial(_copy_row, skip=SKIP),
-        "reverse": _reverse_row,
         "pattern": _pattern_row,
     }
     rows = [makers[task or TASKS[i % len(TASKS)]](rng, vocab) for i in range(size)]

@@ -247,3 +247,36 @@ def test_facilitating_heads_carry_the_copy_task(demo: LoadedModel) -> None:
         own = ablate(demo, *held_out, (g >= 0.5).float()).summary
         assert own["masked_nll"] < own["baseline_nll"] + 0.5
         assert own["masked_accuracy"] > own["baseline_accuracy"] - 0.1
+
+
+def test_bf16_weights_fit_like_fp32(demo_model_dir: Path) -> None:
+    """Target log-probs come from an fp32 LM head, so a bf16 model's fit ends where the
+    fp32 one does (in bf16 a logit near 20 is a multiple of 0.125)."""
+    prompts, targets = copy_task_examples(64, seed=21)
+    final = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model(str(demo_model_dir), dtype=dtype)
+        assert lm.dtype == getattr(torch, dtype)
+        result = fit_chg(
+            lm, prompts, targets, num_masks=2, num_updates=30, num_reg_updates=30,
+            batch_size=16, seed=0,
+        )  # fmt: skip
+        final[dtype] = result.summary["final_nll"]
+    for stage in ("none", "positive", "negative"):
+        assert abs(final["bfloat16"][stage] - final["float32"][stage]) < 0.02, final
+
+
+def test_the_result_holds_roles_per_mask_and_their_consensus(tiny: LoadedModel) -> None:
+    result = fit_chg(tiny, PROMPTS, TARGETS, num_masks=3, num_updates=3, seed=2)
+    t, s = result.tensors, result.summary
+    layers, heads = tiny.adapter.num_layers, tiny.adapter.num_heads
+    assert t["mask_roles"].shape == (3, layers, heads) and t["mask_roles"].dtype == torch.int8
+    assert t["gate_signal"].shape == (3, layers, heads) and bool((t["gate_signal"] >= 0).all())
+    assert t["taxonomy_agreement"].shape == (layers, heads)
+    shares = (t["mask_roles"] == t["taxonomy"][None]).float().mean(dim=0)
+    torch.testing.assert_close(t["taxonomy_agreement"], shares)
+    assert s["consensus"] == 0.5 and s["role_codes"]["undetermined"] == 4
+    assert s["taxonomy_agreement"] == [[round(float(a), 4) for a in row] for row in shares]
+    with pytest.raises(InvalidParameter) as err:
+        fit_chg(tiny, PROMPTS, TARGETS, num_updates=1, consensus=0.3)
+    assert err.value.field == "consensus"
