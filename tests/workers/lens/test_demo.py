@@ -117,7 +117,9 @@ def test_full_build_is_saved_as_safetensors_with_its_description(built: Path) ->
     assert set(info["accuracy"]) == set(demo.EVAL_TASKS)
 
 
-@pytest.mark.parametrize(("length", "accuracy"), [(3, COPY_ACCURACY), (5, COPY_ACCURACY), (8, 0.55)])
+@pytest.mark.parametrize(
+    ("length", "accuracy"), [(3, COPY_ACCURACY), (5, COPY_ACCURACY), (8, 0.55)]
+)
 def test_loaded_model_copies_held_out_sequences(loaded, length: int, accuracy: float) -> None:
     """Longer copies give more chances to have learned a skip."""
     model, tokenizer = loaded
