@@ -135,7 +135,8 @@ class GateUpdates:
 
     def step(self, update: int, regulariser: torch.Tensor) -> torch.Tensor:
         """Apply 0-based ``update`` with ``regulariser`` (a scalar of the logits) added to
-        the task loss; returns d(task loss)/d(gate) [sets, layers, heads]."""
+        the task loss; returns d(task loss)/d(gate) [sets, layers, heads] (zeros where a
+        scaled gradient overflowed and the update was skipped)."""
         gates = self._gates
         if gates is None or gates.grad is None:
             raise RuntimeError("step() needs gates() and backward() first")
@@ -149,7 +150,9 @@ class GateUpdates:
         self._scaler.unscale_(self._optimizer)
         clip_per_set(self.logits.grad)
         self._scaler.step(self._optimizer)
-        task_grad = gates.grad / self._scaler.get_scale()
+        task_grad = torch.nan_to_num(
+            gates.grad / self._scaler.get_scale(), nan=0.0, posinf=0.0, neginf=0.0
+        )
         self._scaler.update()
         self._optimizer.zero_grad(set_to_none=True)
         self._gates = None
