@@ -148,7 +148,7 @@ def test_cchg_runs_through_the_service(http: httpx.Client) -> None:
     final = wait(http, doc["id"], timeout=300)
     assert final["status"] == "succeeded", final["error"]
     tensors = result(http, doc["id"])
-    assert tensors["masks.contrastive"].shape == (1, 2, 4)
+    assert tensors["masks.contrastive"].shape == (1, 3, 8)
     assert tensors["nll.retain"].shape == (10,)
 
 

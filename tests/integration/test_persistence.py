@@ -68,7 +68,7 @@ def test_a_restart_of_the_whole_stack_loses_nothing(tmp_path: Path, demo_model_d
                 http, kind="chg", **PAIRS, num_masks=1, batch_size=2, num_updates=5000
             )
             short_fit = submit(
-                http, kind="chg", **PAIRS, num_masks=1, batch_size=2, num_updates=30,
+                http, kind="chg", **PAIRS, num_masks=1, batch_size=2, num_updates=10,
                 num_reg_updates=0,
             )  # fmt: skip
             wait_for(http, long_fit, fitting)

@@ -150,7 +150,7 @@ def test_quick_start_and_chg_analysis(service: Stack) -> None:
     printed = _run(QUICK_START, service.url)
     assert "'num_masks': 1" in printed
     printed = _run(CHG_ANALYSIS, service.url)
-    assert "layer" in printed and "role" in printed  # the taxonomy frame's header
+    assert "layer" in printed and "irrelevant_masks" in printed  # the taxonomy frame's header
 
 
 def test_trace_and_score(service: Stack) -> None:

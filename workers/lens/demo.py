@@ -108,7 +108,7 @@ busy shared CPU two threads trained ten times slower than one."""
 EVAL_SEQUENCES = 256
 
 DEMO_CHG = {
-    "prompts": 48,
+    "prompts": 256,
     "data_seed": 7,
     "num_masks": 4,
     "num_updates": 300,

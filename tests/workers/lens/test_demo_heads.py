@@ -3,6 +3,8 @@ ablations of each role, induction scores, and heads made into noise on purpose."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,21 +29,33 @@ def lm(demo_model_dir: Path) -> LoadedModel:
     return load_model(str(demo_model_dir))
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """As a worker runs it: the fit's end depends on how the sums are rounded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def fit(lm: LoadedModel) -> AnalysisResult:
     """The chg fit ``lens demo`` runs and prints."""
     settings = demo.DEMO_CHG
     prompts, targets = demo.copy_task_examples(settings["prompts"], seed=settings["data_seed"])
-    return fit_chg(
-        lm,
-        prompts,
-        targets,
-        num_masks=settings["num_masks"],
-        num_updates=settings["num_updates"],
-        num_reg_updates=settings["num_updates"],
-        batch_size=settings["batch_size"],
-        seed=settings["seed"],
-    )
+    with one_thread():
+        return fit_chg(
+            lm,
+            prompts,
+            targets,
+            num_masks=settings["num_masks"],
+            num_updates=settings["num_updates"],
+            num_reg_updates=settings["num_updates"],
+            batch_size=settings["batch_size"],
+            seed=settings["seed"],
+        )
 
 
 def _without(lm: LoadedModel, role: HeadRole, taxonomy: torch.Tensor) -> dict:
@@ -85,7 +99,7 @@ def test_the_head_with_the_highest_induction_score_is_facilitating(
     assert fit.tensors["taxonomy"][top] == HeadRole.FACILITATING
     assert top[0] == lm.adapter.num_layers - 1  # induction heads read what earlier layers wrote
     g_minus = fit.tensors["masks.negative"].mean(dim=0)
-    assert rank_correlation(scores, g_minus) > 0.2  # 0.41 measured: see docs/induction.md
+    assert rank_correlation(scores, g_minus) > 0.2  # 0.45 measured: see docs/induction.md
 
 
 def test_rank_correlation() -> None:
@@ -132,10 +146,11 @@ def test_heads_made_into_noise_are_never_facilitating_or_interfering(
     after = _single_head_effects(lm)
     assert all(abs(float(after[h])) < 1e-3 for h in noise)
     prompts, targets = demo.copy_task_examples(48, seed=7)
-    result = fit_chg(
-        lm, prompts, targets, num_masks=10, num_updates=100, num_reg_updates=100,
-        batch_size=16, seed=0,
-    )  # fmt: skip
+    with one_thread():
+        result = fit_chg(
+            lm, prompts, targets, num_masks=10, num_updates=100, num_reg_updates=100,
+            batch_size=16, seed=0,
+        )  # fmt: skip
     t = result.tensors
     plain, _ = consensus_roles(mask_roles(t["masks.positive"], t["masks.negative"], 0.5))
     assert any(plain[h] == HeadRole.FACILITATING for h in noise)  # what the check prevents
