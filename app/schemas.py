@@ -61,6 +61,31 @@ HeadMask = Annotated[
 ]
 
 
+TargetJoin = Annotated[
+    Literal["space", "raw"],
+    Field(
+        description=(
+            "How a target is joined to its prompt. 'space' (the seed's and the CHG authors' "
+            "convention): the prompt's trailing whitespace is stripped, the target gets one "
+            "leading space unless it starts with whitespace, and a token boundary is forced "
+            "between them. 'raw': the target is the literal continuation of the prompt's "
+            "characters."
+        )
+    ),
+]
+Consensus = Annotated[
+    float,
+    Field(
+        ge=0.5,
+        lt=1,
+        description=(
+            "A head's consensus role is the one it takes in more than this share of the "
+            "masks; else it is undetermined."
+        ),
+    ),
+]
+
+
 def as_list(texts: str | list[str]) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
@@ -173,12 +198,13 @@ class _PromptTargets(_JobBase):
 
     texts: list[str] | None = Field(None, description="Prompts.")
     targets: list[str] | None = Field(
-        None, description="Targets, one per prompt, tokenised as the prompt's continuation."
+        None, description="Targets, one per prompt, joined to it as target_join says."
     )
     dataset: str | None = Field(None, description="Id of an uploaded data set (POST /v1/datasets).")
     max_length: int | None = Field(
         None, ge=2, description="Truncate prompt + target to this many tokens."
     )
+    target_join: TargetJoin = "space"
 
     @model_validator(mode="after")
     def _check_data(self) -> _PromptTargets:
@@ -207,7 +233,13 @@ class _PromptTargets(_JobBase):
 
 class ChgJob(_PromptTargets):
     kind: Literal["chg"] = "chg"
-    pattern: Literal["aba", "abb"] | None = Field(None, description="Generate a synthetic task.")
+    pattern: Literal["mixed", "aba", "abb"] | None = Field(
+        None,
+        description=(
+            "Generate the aba/abb task as the CHG authors' rows; 'mixed' (the paper's set) "
+            "mixes both rules."
+        ),
+    )
     num_samples: int = Field(64, ge=1, description="Samples generated for a pattern.")
     num_masks: int = Field(10, ge=1, description="Independent gate sets fitted at once.")
     num_updates: int = Field(500, ge=1, description="Updates of the λ = 0 fit (stage none).")
@@ -219,6 +251,7 @@ class ChgJob(_PromptTargets):
     gradient_accum_steps: int = Field(1, ge=1, description="Batches accumulated per update.")
     seed: int | None = Field(None, description="Makes a fit reproducible.")
     threshold: float = Field(0.5, ge=0, le=1, description="Score needed to take a role.")
+    consensus: Consensus = 0.5
     record_history: bool = Field(False, description="Store the gates after every update.")
 
 
@@ -230,6 +263,7 @@ class AblateJob(_PromptTargets):
     )
     keep: KeepRule | None = Field(None, description="With from_job: which heads stay on.")
     threshold: float = Field(0.5, ge=0, le=1, description="Gate threshold for from_job roles.")
+    consensus: Consensus = 0.5
 
     @model_validator(mode="after")
     def _one_mask(self) -> AblateJob:
@@ -268,6 +302,7 @@ class CchgJob(_JobBase):
     eval_forget_texts: list[str] | None = None
     eval_forget_targets: list[str] | None = None
     max_length: int | None = Field(None, ge=2)
+    target_join: TargetJoin = "space"
     num_masks: int = Field(1, ge=1)
     num_updates: int = Field(500, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -339,7 +374,19 @@ class AttributeJob(_JobBase):
     from_job: str | None = None
     keep: KeepRule | None = None
     threshold: float = Field(0.5, ge=0, le=1)
+    consensus: Consensus = 0.5
     aggregate: Literal["mean", "sum", "max"] = "mean"
+    target_join: TargetJoin = Field(
+        "space",
+        description="How the summary is joined to the document (as a target to its prompt).",
+    )
+    normalize: Literal["max", "none"] = Field(
+        "max", description="'max' divides the sentence scores by the largest (the seed's)."
+    )
+    loss: Literal["mean", "sum"] = Field(
+        "mean",
+        description="The summary's NLL averaged over its tokens (the seed's) or summed.",
+    )
 
     @field_validator("sentences")
     @classmethod

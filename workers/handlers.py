@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from app.schemas import (
     AblateJob,
@@ -78,13 +79,25 @@ def _head_mask(
     from_job: str | None,
     keep: KeepRule | None,
     threshold: float,
+    consensus: float,
 ) -> torch.Tensor:
     if mask is not None:
         return torch.tensor(mask, dtype=torch.float32)
     if from_job is None or keep is None:
         raise ValueError(f"{field}: needs a mask or from_job with keep")  # the schema ensures it
-    masks = ctx.job_tensors("from_job", from_job, ("masks.positive", "masks.negative"))
-    return heads_to_keep(masks["masks.positive"], masks["masks.negative"], keep.value, threshold)
+    gates = ("masks.positive", "masks.negative")
+    try:
+        masks = ctx.job_tensors("from_job", from_job, (*gates, "gate_signal"))
+    except SafetensorError:  # a result written before chg stored its gate signal
+        masks = ctx.job_tensors("from_job", from_job, gates)
+    return heads_to_keep(
+        masks["masks.positive"],
+        masks["masks.negative"],
+        keep.value,
+        threshold,
+        masks.get("gate_signal"),
+        consensus,
+    )
 
 
 def run_chg(ctx: JobContext, job: ChgJob) -> AnalysisResult:
@@ -103,7 +116,9 @@ def run_chg(ctx: JobContext, job: ChgJob) -> AnalysisResult:
         gradient_accum_steps=job.gradient_accum_steps,
         seed=job.seed,
         threshold=job.threshold,
+        consensus=job.consensus,
         max_length=job.max_length,
+        target_join=job.target_join,
         record_history=job.record_history,
         progress=ctx.progress,
     )
@@ -111,9 +126,17 @@ def run_chg(ctx: JobContext, job: ChgJob) -> AnalysisResult:
 
 def run_ablate(ctx: JobContext, job: AblateJob) -> AnalysisResult:
     prompts, targets = _prompts_targets(ctx, job)
-    mask = _head_mask(ctx, "head_mask", job.head_mask, job.from_job, job.keep, job.threshold)
+    mask = _head_mask(
+        ctx, "head_mask", job.head_mask, job.from_job, job.keep, job.threshold, job.consensus
+    )
     return ablation.ablate(
-        ctx.lm, prompts, targets, mask, max_length=job.max_length, progress=ctx.progress
+        ctx.lm,
+        prompts,
+        targets,
+        mask,
+        max_length=job.max_length,
+        target_join=job.target_join,
+        progress=ctx.progress,
     )
 
 
@@ -146,16 +169,31 @@ def run_cchg(ctx: JobContext, job: CchgJob) -> AnalysisResult:
         diff_clip=job.diff_clip,
         seed=job.seed,
         max_length=job.max_length,
+        target_join=job.target_join,
         progress=ctx.progress,
     )
 
 
 def run_attribute(ctx: JobContext, job: AttributeJob) -> AnalysisResult:
     mask = _head_mask(
-        ctx, "facilitating_mask", job.facilitating_mask, job.from_job, job.keep, job.threshold
+        ctx,
+        "facilitating_mask",
+        job.facilitating_mask,
+        job.from_job,
+        job.keep,
+        job.threshold,
+        job.consensus,
     )
     return attribution.attribute(
-        ctx.lm, job.document, job.sentences, job.summary, mask, aggregate=job.aggregate
+        ctx.lm,
+        job.document,
+        job.sentences,
+        job.summary,
+        mask,
+        aggregate=job.aggregate,
+        target_join=job.target_join,
+        normalize=job.normalize,
+        loss=job.loss,
     )
 
 

@@ -1,8 +1,9 @@
 """``lens demo``: the whole service on the demo model, showing what each analysis gives back.
 
-It builds (once) a small Llama trained to copy word sequences, starts Redis, a
-worker and the API, then runs score, trace, chg and ablate jobs through the
-Python client, as a user would, and prints their results.
+It builds (once) a small Llama trained on word-sequence tasks (copy among them), starts
+Redis, a worker and the API, then runs score, trace, chg and ablate jobs through the
+Python client, as a user would, and prints their results: the heads' roles on the copy
+task, then the ablations that check each role causally.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from app.client import LensClient, Model
+from app.client import ChgResult, LensClient, Model
+from app.client.results import ROLE_CODES, ROLE_NAMES
 from app.core.config import ModelSpec, Settings
 from app.core.redis_server import free_port
 from app.stack import Stack
@@ -28,11 +30,17 @@ ROLE_STYLE = {
     "interfering": "bold red",
     "irrelevant": "dim",
     "inconsistent": "yellow",
+    "undetermined": "italic",
+}
+CONFIRMS = {
+    "interfering": "NLL must not rise",
+    "facilitating": "NLL must rise",
+    "irrelevant": "NLL rises far less than without the facilitating heads",
 }
 
 
 def run_demo(data_dir: Path, *, num_updates: int, console: Console) -> None:
-    from workers.lens.demo import DEMO_TEXTS, copy_task_examples, ensure_demo_model
+    from workers.lens.demo import DEMO_CHG, DEMO_TEXTS, copy_task_examples, ensure_demo_model
 
     with console.status("building the demo model (once; cached afterwards)…"):
         started = time.perf_counter()
@@ -59,9 +67,10 @@ def run_demo(data_dir: Path, *, num_updates: int, console: Console) -> None:
             )
             _score(console, lens, list(DEMO_TEXTS))
             _trace(console, lens, DEMO_TEXTS[2])
-            prompts, targets = copy_task_examples(48, seed=7)
-            chg_job = _chg(console, lens, prompts, targets, num_updates)
-            _ablate(console, lens, prompts, targets, chg_job)
+            prompts, targets = copy_task_examples(DEMO_CHG["prompts"], seed=DEMO_CHG["data_seed"])
+            fit = _chg(console, lens, prompts, targets, num_updates, DEMO_CHG)
+            held_out = copy_task_examples(200, seed=8)
+            _ablate(console, lens, *held_out, fit)
     finally:
         with console.status("stopping…"):
             stack.stop()
@@ -106,65 +115,90 @@ def _trace(console: Console, lens: Model, text: str) -> None:
 
 
 def _chg(
-    console: Console, lens: Model, prompts: list[str], targets: list[str], num_updates: int
-) -> Any:
+    console: Console,
+    lens: Model,
+    prompts: list[str],
+    targets: list[str],
+    num_updates: int,
+    settings: dict[str, int],
+) -> ChgResult:
     console.rule("chg: Causal Head Gating on the copy task")
     console.print(f"{len(prompts)} prompts such as {prompts[0]!r} → {targets[0]!r}")
-    job = lens.submit(
-        "chg",
-        texts=prompts,
-        targets=targets,
-        num_masks=4,
-        num_updates=num_updates,
-        num_reg_updates=num_updates,
-        batch_size=16,
-        seed=0,
+    fit = _timed(
+        console,
+        "chg job",
+        partial(
+            lens.fit,
+            texts=prompts,
+            targets=targets,
+            num_masks=settings["num_masks"],
+            num_updates=num_updates,
+            num_reg_updates=num_updates,
+            batch_size=settings["batch_size"],
+            seed=settings["seed"],
+            progress=True,
+        ),
     )
-    fit = _timed(console, "chg job", lambda: job.result(progress=True))
     roles = np.asarray(fit.taxonomy)
-    names = {0: "irrelevant", 1: "facilitating", 2: "interfering", 3: "inconsistent"}
+    agreement = np.asarray(fit.taxonomy_agreement)
     g_plus = np.asarray(fit.masks["positive"]).mean(0)
     g_minus = np.asarray(fit.masks["negative"]).mean(0)
     table = Table("layer", *[f"head {h}" for h in range(roles.shape[1])], title="consensus roles")
     for layer in range(roles.shape[0]):
         cells = []
         for head in range(roles.shape[1]):
-            role = names[int(roles[layer, head])]
+            role = ROLE_NAMES[int(roles[layer, head])]
             cells.append(
-                f"[{ROLE_STYLE[role]}]{role}[/]\nG+ {g_plus[layer, head]:.2f} "
-                f"G− {g_minus[layer, head]:.2f}"
+                f"[{ROLE_STYLE[role]}]{role}[/] {agreement[layer, head]:.0%}\n"
+                f"G+ {g_plus[layer, head]:.2f} G− {g_minus[layer, head]:.2f}"
             )
         table.add_row(str(layer), *cells)
     console.print(table)
+    console.print(
+        "role in more than half the masks (the share that agrees is shown); "
+        "undetermined: no such role, or a gate the loss never pulled on"
+    )
+    console.print(f"roles: {fit.summary()['roles']}")
     console.print(f"final NLL per stage: {fit.summary().get('final_nll')}")
-    return job
+    return fit
 
 
 def _ablate(
-    console: Console, lens: Model, prompts: list[str], targets: list[str], job: Any
+    console: Console, lens: Model, prompts: list[str], targets: list[str], fit: ChgResult
 ) -> None:
-    console.rule("ablate: checking the CHG claim causally")
-    table = Table("heads on", "NLL", "accuracy", "NLL all heads", "accuracy all heads")
-    for keep in ("sufficient", "remove_facilitating"):
+    console.rule("ablate: removing each group of heads, on held-out copy prompts")
+    roles = np.asarray(fit.taxonomy)
+    table = Table("heads removed", "count", "NLL all heads → removed", "accuracy", "check")
+    deltas: dict[str, float] = {}
+    for role, expect in CONFIRMS.items():
+        off = roles == ROLE_CODES[role]
+        if not off.any():
+            table.add_row(role, "0", "", "", "no such head")
+            continue
         res = _timed(
             console,
-            f"ablate job ({keep})",
+            f"ablate job (without the {role} heads)",
             partial(
                 lens.ablate,
                 texts=prompts,
                 targets=targets,
-                from_job=job.id,
-                keep=keep,
+                head_mask=(~off).astype(np.float32),
                 progress=False,
             ),
         )
         s = res.job_summary
+        delta = deltas[role] = s["masked_nll"] - s["baseline_nll"]
+        confirmed = {
+            "interfering": delta <= 0,
+            "facilitating": delta > 0.1,
+            "irrelevant": delta < deltas.get("facilitating", 0.0) / 4,
+        }[role]
         table.add_row(
-            keep,
-            f"{s['masked_nll']:.3f}",
-            f"{s['masked_accuracy']:.2f}",
-            f"{s['baseline_nll']:.3f}",
-            f"{s['baseline_accuracy']:.2f}",
+            role,
+            str(int(off.sum())),
+            f"{s['baseline_nll']:.3f} → {s['masked_nll']:.3f}",
+            f"{s['baseline_accuracy']:.2f} → {s['masked_accuracy']:.2f}",
+            f"{expect}: {'[green]yes[/]' if confirmed else '[red]no[/]'}",
         )
     console.print(table)
 

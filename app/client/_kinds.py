@@ -8,6 +8,7 @@ server's default", so defaults live only in the server's schema.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -56,13 +57,14 @@ def _listed(texts: str | list[str] | None) -> list[str] | None:
     return [texts] if isinstance(texts, str) else texts
 
 
+def _shown(progress: bool | None, verbose: bool | None) -> bool | None:
+    """``progress``, or the seed's ``verbose`` (the same switch) when only it is given."""
+    return verbose if progress is None else progress
+
+
 def chg(
     texts: str | list[str] | None = None,
     targets: str | list[str] | None = None,
-    *,
-    dataset: str | None = None,
-    pattern: str | None = None,
-    num_samples: int | None = None,
     max_length: int | None = None,
     num_masks: int | None = None,
     num_updates: int | None = None,
@@ -70,19 +72,29 @@ def chg(
     batch_size: int | None = None,
     l1_weight: float | None = None,
     lr: float | None = None,
-    lr_end: float | None = None,
     gradient_accum_steps: int | None = None,
+    *,
+    dataset: str | None = None,
+    pattern: str | None = None,
+    num_samples: int | None = None,
+    lr_end: float | None = None,
     seed: int | None = None,
     threshold: float | None = None,
+    consensus: float | None = None,
+    target_join: str | None = None,
     record_history: bool | None = None,
+    verbose: bool | None = None,
     progress: bool | None = None,
     on_progress: ProgressCallback | None = None,
     timeout: float | None = None,
 ) -> JobSpec:
     """Fit Causal Head Gating masks (stages none, positive, negative); blocks until done.
 
-    Give ``texts`` and ``targets``, a ``dataset`` id, or a ``pattern`` ("aba" or
-    "abb") with ``num_samples``. Returns a ``ChgResult``.
+    Give ``texts`` and ``targets``, a ``dataset`` id, or a ``pattern`` ("mixed", the
+    paper's set, "aba" or "abb") with ``num_samples``. Targets are joined to their prompt
+    as ``target_join`` says (default "space", the seed's convention). The positional
+    parameters are the seed ``LensAPI.fit``'s, in its order; ``verbose`` is its name for
+    ``progress``. Returns a ``ChgResult``.
     """
     return JobSpec(
         "chg",
@@ -103,10 +115,114 @@ def chg(
             gradient_accum_steps=gradient_accum_steps,
             seed=seed,
             threshold=threshold,
+            consensus=consensus,
+            target_join=target_join,
             record_history=record_history,
         ),
-        WaitOptions(progress, on_progress, timeout),
+        WaitOptions(_shown(progress, verbose), on_progress, timeout),
     )
+
+
+def chg_pattern(
+    pattern: str = "mixed",
+    num_samples: int | None = None,
+    num_masks: int | None = None,
+    num_updates: int | None = None,
+    num_reg_updates: int | None = None,
+    batch_size: int | None = None,
+    l1_weight: float | None = None,
+    lr: float | None = None,
+    gradient_accum_steps: int | None = None,
+    *,
+    lr_end: float | None = None,
+    seed: int | None = None,
+    threshold: float | None = None,
+    consensus: float | None = None,
+    record_history: bool | None = None,
+    verbose: bool | None = None,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    timeout: float | None = None,
+) -> JobSpec:
+    """Fit CHG on the aba/abb rule task, rows built as the CHG authors' (see the README);
+    blocks. ``pattern`` is "mixed" (the paper's set: both rules, the model must infer
+    which), "aba" or "abb"; the seed defaults to "aba". Returns a ``ChgResult``."""
+    return chg(
+        pattern=pattern,
+        num_samples=num_samples,
+        num_masks=num_masks,
+        num_updates=num_updates,
+        num_reg_updates=num_reg_updates,
+        batch_size=batch_size,
+        l1_weight=l1_weight,
+        lr=lr,
+        gradient_accum_steps=gradient_accum_steps,
+        lr_end=lr_end,
+        seed=seed,
+        threshold=threshold,
+        consensus=consensus,
+        record_history=record_history,
+        verbose=verbose,
+        progress=progress,
+        on_progress=on_progress,
+        timeout=timeout,
+    )
+
+
+def chg_dataset(
+    dataset: str,
+    num_masks: int | None = None,
+    num_updates: int | None = None,
+    num_reg_updates: int | None = None,
+    batch_size: int | None = None,
+    l1_weight: float | None = None,
+    lr: float | None = None,
+    gradient_accum_steps: int | None = None,
+    *,
+    max_length: int | None = None,
+    lr_end: float | None = None,
+    seed: int | None = None,
+    threshold: float | None = None,
+    consensus: float | None = None,
+    target_join: str | None = None,
+    record_history: bool | None = None,
+    verbose: bool | None = None,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    timeout: float | None = None,
+) -> JobSpec:
+    """Fit CHG on an uploaded data set's prompt/target rows; blocks. ``dataset`` is the id
+    ``upload_dataset`` returned, or rows, a .jsonl/.tsv path or its bytes, uploaded first.
+    (The seed takes a tokenised ``MaskedSequenceDataset``; a server tokenises for the
+    model it serves.) Returns a ``ChgResult``."""
+    return chg(
+        dataset=dataset,
+        max_length=max_length,
+        num_masks=num_masks,
+        num_updates=num_updates,
+        num_reg_updates=num_reg_updates,
+        batch_size=batch_size,
+        l1_weight=l1_weight,
+        lr=lr,
+        gradient_accum_steps=gradient_accum_steps,
+        lr_end=lr_end,
+        seed=seed,
+        threshold=threshold,
+        consensus=consensus,
+        target_join=target_join,
+        record_history=record_history,
+        verbose=verbose,
+        progress=progress,
+        on_progress=on_progress,
+        timeout=timeout,
+    )
+
+
+def dataset_id(source: Any) -> str | None:
+    """The id when ``source`` already names an uploaded data set (a string that is no file)."""
+    if isinstance(source, str) and not os.path.exists(source):
+        return source
+    return None
 
 
 def cchg(
@@ -122,6 +238,7 @@ def cchg(
     eval_forget_texts: list[str] | None = None,
     eval_forget_targets: list[str] | None = None,
     max_length: int | None = None,
+    target_join: str | None = None,
     num_masks: int | None = None,
     num_updates: int | None = None,
     batch_size: int | None = None,
@@ -152,6 +269,7 @@ def cchg(
             eval_forget_texts=eval_forget_texts,
             eval_forget_targets=eval_forget_targets,
             max_length=max_length,
+            target_join=target_join,
             num_masks=num_masks,
             num_updates=num_updates,
             batch_size=batch_size,
@@ -227,7 +345,9 @@ def ablate(
     from_job: Any = None,
     keep: str | None = None,
     threshold: float | None = None,
+    consensus: float | None = None,
     max_length: int | None = None,
+    target_join: str | None = None,
     progress: bool | None = None,
     on_progress: ProgressCallback | None = None,
     timeout: float | None = None,
@@ -247,7 +367,9 @@ def ablate(
             from_job=from_job,
             keep=keep,
             threshold=threshold,
+            consensus=consensus,
             max_length=max_length,
+            target_join=target_join,
         ),
         WaitOptions(progress, on_progress, timeout),
     )
@@ -262,14 +384,20 @@ def attribute(
     from_job: Any = None,
     keep: str | None = None,
     threshold: float | None = None,
+    consensus: float | None = None,
     aggregate: str | None = None,
+    target_join: str | None = None,
+    normalize: str | None = None,
+    loss: str | None = None,
     progress: bool | None = None,
     on_progress: ProgressCallback | None = None,
     timeout: float | None = None,
 ) -> JobSpec:
     """Importance of each sentence of ``document`` for ``summary``, by gradients; blocks.
 
-    Returns an ``AttributeResult``.
+    Defaults as the seed's ``CausalCircuitAttribution``: mean token loss
+    (``loss="mean"``), scores divided by their largest (``normalize="max"``). Returns an
+    ``AttributeResult``.
     """
     return JobSpec(
         "attribute",
@@ -281,7 +409,11 @@ def attribute(
             from_job=from_job,
             keep=keep,
             threshold=threshold,
+            consensus=consensus,
             aggregate=aggregate,
+            target_join=target_join,
+            normalize=normalize,
+            loss=loss,
         ),
         WaitOptions(progress, on_progress, timeout),
     )

@@ -178,9 +178,33 @@ class AsyncModel:
     def __init__(self, client: AsyncLensClient, name: str) -> None:
         self.client = client
         self.name = name
+        self._shape: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"AsyncModel({self.name!r} at {self.client.url})"
+
+    async def num_layers(self) -> int:
+        """Number of transformer layers of the served model (asked once; a coroutine here,
+        a property on the blocking ``Model``)."""
+        return (await self._layers_heads())[0]
+
+    async def num_heads(self) -> int:
+        """Number of attention heads per layer of the served model (asked once)."""
+        return (await self._layers_heads())[1]
+
+    async def _layers_heads(self) -> tuple[int, int]:
+        if self._shape is None:
+            info = await self.info()
+            self._shape = (int(info["layers"]), int(info["heads"]))
+        return self._shape
+
+    async def fit_dataset(self, dataset: DatasetSource, *args: Any, **kwargs: Any) -> ChgResult:
+        known = _kinds.dataset_id(dataset)
+        if known is None:
+            known = (await self.client.upload_dataset(dataset))["id"]
+        return await self._fit_uploaded(known, *args, **kwargs)
+
+    fit_dataset.__doc__ = _kinds.chg_dataset.__doc__
 
     async def info(self) -> dict[str, Any]:
         """Shape, workers and queue of this model (``NotFound`` if it is not served)."""
@@ -191,6 +215,8 @@ class AsyncModel:
         return await self.client.submit(kind, self.name, **params)
 
     fit = _awaiting(_kinds.chg, "fit", ChgResult)
+    fit_pattern_task = _awaiting(_kinds.chg_pattern, "fit_pattern_task", ChgResult)
+    _fit_uploaded = _awaiting(_kinds.chg_dataset, "fit_dataset", ChgResult)
     fit_contrastive = _awaiting(_kinds.cchg, "fit_contrastive", CchgResult)
     trace = _awaiting(_kinds.trace, "trace", TraceResult)
     score = _awaiting(_kinds.score, "score", ScoreResult)

@@ -27,8 +27,14 @@ from app.client._tensors import (
 
 Source = str | os.PathLike[str] | bytes | bytearray
 
-ROLE_CODES = {"irrelevant": 0, "facilitating": 1, "interfering": 2, "inconsistent": 3}
-"""Consensus role of a head, as coded in a chg result's ``taxonomy`` tensor."""
+ROLE_CODES = {
+    "irrelevant": 0,
+    "facilitating": 1,
+    "interfering": 2,
+    "inconsistent": 3,
+    "undetermined": 4,
+}
+"""Role of a head, as coded in a chg result's ``taxonomy`` and ``mask_roles`` tensors."""
 ROLE_NAMES = {code: name for name, code in ROLE_CODES.items()}
 CHG_STAGES = ("none", "positive", "negative")
 
@@ -152,24 +158,111 @@ class ChgResult(Result):
             "irrelevant": self._g_plus * (1 - self._g_minus),
         }
 
+    @property
+    def consensus(self) -> float:
+        return float(self.params.get("consensus", 0.5))
+
+    @property
+    def num_masks(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.shape[2]
+
     @cached_property
-    def _taxonomy(self) -> np.ndarray:
-        """Consensus role codes [layers, heads]: the server's, else from the mask-averaged gates."""
-        if "taxonomy" in self:
-            return self._arrays["taxonomy"].astype(np.int8)
-        keep = self._g_plus.mean(axis=0) >= self.threshold
-        needed = self._g_minus.mean(axis=0) >= self.threshold
-        roles = np.full(keep.shape, ROLE_CODES["interfering"], dtype=np.int8)
-        roles[keep & needed] = ROLE_CODES["facilitating"]
-        roles[keep & ~needed] = ROLE_CODES["irrelevant"]
-        roles[~keep & needed] = ROLE_CODES["inconsistent"]
+    def _mask_roles(self) -> np.ndarray:
+        """Role codes [num_masks, layers, heads]: the server's, else by the same rules (see
+        the README's CHG section) from the gates and, when stored, the gate signal."""
+        if "mask_roles" in self:
+            return self._arrays["mask_roles"].astype(np.int8)
+        t = self.threshold
+        fac = self._g_minus >= t
+        inter = 1 - self._g_plus >= t
+        irr = self._g_plus * (1 - self._g_minus) >= t
+        roles = np.full(self._g_plus.shape, ROLE_CODES["undetermined"], dtype=np.int8)
+        roles[irr] = ROLE_CODES["irrelevant"]
+        roles[inter] = ROLE_CODES["interfering"]
+        roles[fac] = ROLE_CODES["facilitating"]
+        roles[fac & inter] = ROLE_CODES["inconsistent"]
+        if "gate_signal" in self:
+            weak = self._arrays["gate_signal"] < 1
+            roles[weak & (roles != ROLE_CODES["irrelevant"])] = ROLE_CODES["undetermined"]
         return roles
+
+    @cached_property
+    def _consensus(self) -> tuple[np.ndarray, np.ndarray]:
+        """Consensus codes and agreement [layers, heads]: the server's, else recomputed."""
+        roles = self._mask_roles
+        shares = np.stack([(roles == code).mean(axis=0) for code in range(len(ROLE_CODES))])
+        if "taxonomy" in self:
+            taxonomy = self._arrays["taxonomy"].astype(np.int8)
+        else:
+            best = shares[: ROLE_CODES["undetermined"]].max(axis=0)
+            code = shares[: ROLE_CODES["undetermined"]].argmax(axis=0)
+            taxonomy = np.where(best > self.consensus, code, ROLE_CODES["undetermined"])
+        if "taxonomy_agreement" in self:
+            agreement = self._arrays["taxonomy_agreement"].astype(np.float32)
+        else:
+            agreement = np.take_along_axis(shares, taxonomy[None].astype(np.int64), axis=0)[0]
+        return taxonomy.astype(np.int8), agreement.astype(np.float32)
+
+    @property
+    def _taxonomy(self) -> np.ndarray:
+        return self._consensus[0]
 
     @property
     def taxonomy(self) -> Any:
-        """Role code per head [layers, heads] int8: 0 irrelevant, 1 facilitating, 2 interfering,
-        3 inconsistent."""
+        """Consensus role code per head [layers, heads] int8: 0 irrelevant, 1 facilitating,
+        2 interfering, 3 inconsistent, 4 undetermined."""
         return self._out(self._taxonomy)
+
+    @property
+    def taxonomy_agreement(self) -> Any:
+        """Per head [layers, heads], the share of masks whose role is the consensus role."""
+        return self._out(self._consensus[1])
+
+    @property
+    def mask_roles(self) -> Any:
+        """Role code of every head in every mask [num_masks, layers, heads] int8."""
+        return self._out(self._mask_roles)
+
+    def _gates_above(
+        self, stage: np.ndarray, threshold: float | None, mask_idx: int | None
+    ) -> np.ndarray:
+        gates = stage.mean(axis=0) if mask_idx is None else stage[mask_idx]
+        return gates >= (self.threshold if threshold is None else threshold)
+
+    @staticmethod
+    def _listed(on: np.ndarray) -> list[tuple[int, int]]:
+        layers, heads = np.nonzero(on)
+        return [(int(layer), int(head)) for layer, head in zip(layers, heads, strict=True)]
+
+    def sufficient_heads(
+        self, threshold: float | None = None, mask_idx: int | None = None
+    ) -> list[tuple[int, int]]:
+        """(layer, head) of the sub-circuit kept under removal pressure: G− ≥ ``threshold``
+        (default: the fit's), in mask ``mask_idx`` or on the mask-averaged gates as the seed
+        does. The paper shows such a circuit suffices for the task. The seed returns the
+        same stage, though its comments say that stage pushes gates toward 1."""
+        return self._listed(self._gates_above(self._g_minus, threshold, mask_idx))
+
+    def necessary_heads(
+        self, threshold: float | None = None, mask_idx: int | None = None
+    ) -> list[tuple[int, int]]:
+        """(layer, head) of heads the task needs, in the paper's sense: kept under removal
+        pressure (G− ≥ ``threshold``) and under keep pressure (G+ ≥ ``threshold``), i.e.
+        the facilitating heads of mask ``mask_idx``, or of the mask-averaged gates as the
+        seed averages them (``facilitating_heads()`` gives the consensus over masks). The
+        seed returns G+ ≥ threshold alone, the keep-pressure stage, which its comments
+        describe as the removal-pressure one: with its signs those are all heads that do
+        not interfere, most of the model."""
+        kept = self._gates_above(self._g_plus, threshold, mask_idx)
+        return self._listed(kept & self._gates_above(self._g_minus, threshold, mask_idx))
 
     def _heads(self, role: str) -> list[tuple[int, int]]:
         layers, heads = np.nonzero(self._taxonomy == ROLE_CODES[role])
@@ -191,15 +284,22 @@ class ChgResult(Result):
         """(layer, head) of heads whose two fits contradict each other (should be rare)."""
         return self._heads("inconsistent")
 
+    def undetermined_heads(self) -> list[tuple[int, int]]:
+        """(layer, head) of heads without a role in more than the consensus share of masks,
+        or whose gate moved without a loss signal."""
+        return self._heads("undetermined")
+
     def get_facilitating_mask(self) -> Any:
         """[layers, heads] float32 head mask: 1 on facilitating heads, 0 elsewhere."""
         return self._out((self._taxonomy == ROLE_CODES["facilitating"]).astype(np.float32))
 
     def head_taxonomy(self) -> Any:
-        """One row per head: its consensus role, mean G+ and G−, and in how many masks it
-        takes each role. A pandas DataFrame when pandas is installed, else a list of dicts."""
+        """One row per head: its consensus role and the share of masks agreeing with it,
+        mean G+ and G−, and in how many masks each role's score reaches the threshold. A
+        pandas DataFrame when pandas is installed, else a list of dicts."""
         g_plus, g_minus = self._g_plus.mean(axis=0), self._g_minus.mean(axis=0)
         counts = {r: (s >= self.threshold).sum(axis=0) for r, s in self._role_scores().items()}
+        agreement = self._consensus[1]
         _, layers, heads = self.shape
         return _records_or_frame(
             [
@@ -207,6 +307,7 @@ class ChgResult(Result):
                     "layer": layer,
                     "head": head,
                     "role": ROLE_NAMES[int(self._taxonomy[layer, head])],
+                    "agreement": float(agreement[layer, head]),
                     "g_plus": float(g_plus[layer, head]),
                     "g_minus": float(g_minus[layer, head]),
                     **{f"{r}_masks": int(c[layer, head]) for r, c in counts.items()},
@@ -458,6 +559,13 @@ class AttributeResult(Result):
     def scores(self) -> list[float]:
         """One importance score per sentence, in the sentences' order."""
         return list(self.job_summary.get("scores", []))
+
+    @property
+    def summary_nll(self) -> dict[str, float]:
+        """The summary's mean token NLL with all heads on (``all_heads``) and through the
+        circuit (``circuit``): a circuit that no longer predicts the summary makes the
+        attribution one of a broken model."""
+        return dict(self.job_summary.get("summary_nll", {}))
 
 
 RESULT_TYPES: dict[str, type[Result]] = {

@@ -177,6 +177,7 @@ class Model:
     def __init__(self, client: LensClient, name: str) -> None:
         self.client = client
         self.name = name
+        self._shape: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"Model({self.name!r} at {self.client.url})"
@@ -189,12 +190,40 @@ class Model:
         """Queue a job of ``kind`` on this model and return at once."""
         return self.client.submit(kind, self.name, **params)
 
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer layers of the served model (asked once)."""
+        return self._layers_heads()[0]
+
+    @property
+    def num_heads(self) -> int:
+        """Number of attention heads per layer of the served model (asked once)."""
+        return self._layers_heads()[1]
+
+    def _layers_heads(self) -> tuple[int, int]:
+        if self._shape is None:
+            info = self.info()
+            self._shape = (int(info["layers"]), int(info["heads"]))
+        return self._shape
+
+    def fit_dataset(self, dataset: DatasetSource, *args: Any, **kwargs: Any) -> ChgResult:
+        return self._fit_uploaded(_dataset(self.client, dataset), *args, **kwargs)
+
+    fit_dataset.__doc__ = _kinds.chg_dataset.__doc__
     fit = _blocking(_kinds.chg, "fit", ChgResult)
+    fit_pattern_task = _blocking(_kinds.chg_pattern, "fit_pattern_task", ChgResult)
+    _fit_uploaded = _blocking(_kinds.chg_dataset, "fit_dataset", ChgResult)
     fit_contrastive = _blocking(_kinds.cchg, "fit_contrastive", CchgResult)
     trace = _blocking(_kinds.trace, "trace", TraceResult)
     score = _blocking(_kinds.score, "score", ScoreResult)
     ablate = _blocking(_kinds.ablate, "ablate", AblateResult)
     attribute = _blocking(_kinds.attribute, "attribute", AttributeResult)
+
+
+def _dataset(client: LensClient, source: DatasetSource) -> str:
+    """The id of an uploaded data set: ``source`` itself, or what uploading it gave."""
+    known = _kinds.dataset_id(source)
+    return known if known is not None else client.upload_dataset(source)["id"]
 
 
 class Job(_kinds.JobView):

@@ -14,6 +14,7 @@
     [0, "irrelevant", "#d9d9d9"],
     [2, "interfering", "#d73027"],
     [3, "inconsistent", "#fdae61"],
+    [4, "undetermined", "#9e9ac8"],
   ];
   const SERIES_COLOURS = ["#4477aa", "#228833", "#ee6677", "#ccbb44", "#66ccee", "#aa3377"];
 

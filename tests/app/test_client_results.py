@@ -19,6 +19,7 @@ from app.client import (
     TraceResult,
     load_result,
 )
+from app.client.results import ROLE_CODES
 
 
 def result_file(tmp_path, kind, tensors, *, params=None, summary=None, name="r.safetensors"):
@@ -94,6 +95,7 @@ def test_chg_taxonomy_follows_the_paper_table(tmp_path):
         "facilitating": 2,
         "interfering": 2,
         "inconsistent": 1,
+        "undetermined": 0,
     }
     assert result.summary()["final_nll"] == pytest.approx(
         {"none": 1.0, "positive": 0.9, "negative": 1.5}
@@ -143,6 +145,41 @@ def test_chg_dataframes_and_the_servers_taxonomy(tmp_path):
     tensors["taxonomy"] = server
     stored = ChgResult.load(result_file(tmp_path, "chg", tensors, name="t.safetensors"))
     assert stored.facilitating_heads() == [(2, 1)]
+
+
+def test_chg_seed_surface_necessary_and_sufficient_heads(tmp_path):
+    tensors = chg_tensors(num_masks=3)
+    tensors["masks.negative"][1, 0, 1] = 0.9  # one mask keeps an irrelevant head
+    result = ChgResult.load(result_file(tmp_path, "chg", tensors), tensors="numpy")
+    assert (result.num_masks, result.num_layers, result.num_heads) == (3, 3, 2)
+    # Sufficient: G- ≥ threshold (mask-averaged, as the seed averages; or one mask).
+    assert result.sufficient_heads() == [(0, 0), (1, 1), (2, 0)]
+    assert result.sufficient_heads(mask_idx=1) == [(0, 0), (0, 1), (1, 1), (2, 0)]
+    assert result.sufficient_heads(threshold=0.75) == [(0, 0)]
+    # Necessary: kept under both pressures (the paper's facilitating heads).
+    assert result.necessary_heads() == [(0, 0), (2, 0)]
+    assert result.necessary_heads(mask_idx=1) == [(0, 0), (0, 1), (2, 0)]
+    assert result.necessary_heads(threshold=0.85) == []
+
+
+def test_chg_consensus_from_per_mask_roles_with_agreement(tmp_path):
+    tensors = chg_tensors(num_masks=4)
+    g_plus, g_minus = tensors["masks.positive"], tensors["masks.negative"]
+    g_plus[:, 0, 1], g_minus[:, 0, 1] = 0.6, 0.4  # no score reaches 0.5 in any mask
+    g_minus[:2, 2, 0] = 0.1  # facilitating in two masks of four only
+    signal = np.full(g_plus.shape, 5.0, np.float32)
+    signal[:, 1, 0] = 0.5  # interfering, but the loss never pulled on its gate
+    tensors["gate_signal"] = signal
+    result = ChgResult.load(result_file(tmp_path, "chg", tensors), tensors="numpy")
+    roles = result.taxonomy
+    assert roles[0, 0] == ROLE_CODES["facilitating"]
+    assert roles[0, 1] == roles[1, 0] == roles[2, 0] == ROLE_CODES["undetermined"]
+    assert result.undetermined_heads() == [(0, 1), (1, 0), (2, 0)]
+    agreement = result.taxonomy_agreement
+    assert agreement[0, 0] == 1.0 and agreement[2, 1] == 1.0
+    assert agreement[2, 0] == 0.0  # two masks facilitating, two irrelevant: none without a role
+    assert result.mask_roles.shape == (4, 3, 2)
+    assert result.summary()["roles"]["undetermined"] == 3
 
 
 def test_chg_threshold_comes_from_the_job_params(tmp_path):

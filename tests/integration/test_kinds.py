@@ -41,10 +41,10 @@ def test_chg_result_has_the_design_tensors(http: httpx.Client, chg_job: dict[str
     assert chg_job["status"] == "succeeded", chg_job["error"]
     tensors = result(http, chg_job["id"])
     for stage in ("none", "positive", "negative"):
-        assert tensors[f"masks.{stage}"].shape == (2, 2, 4)
+        assert tensors[f"masks.{stage}"].shape == (2, 3, 8)
         assert ((tensors[f"masks.{stage}"] >= 0) & (tensors[f"masks.{stage}"] <= 1)).all()
     assert tensors["nll.none"].shape == (40,)
-    assert tensors["taxonomy"].dtype == torch.int8 and tensors["taxonomy"].shape == (2, 4)
+    assert tensors["taxonomy"].dtype == torch.int8 and tensors["taxonomy"].shape == (3, 8)
     torch.testing.assert_close(tensors["scores.facilitation"], tensors["masks.negative"])
     torch.testing.assert_close(tensors["scores.interference"], 1 - tensors["masks.positive"])
     assert chg_job["progress"]["stage"] and chg_job["progress"]["step"] == 40
@@ -148,7 +148,7 @@ def test_cchg_runs_through_the_service(http: httpx.Client) -> None:
     final = wait(http, doc["id"], timeout=300)
     assert final["status"] == "succeeded", final["error"]
     tensors = result(http, doc["id"])
-    assert tensors["masks.contrastive"].shape == (1, 2, 4)
+    assert tensors["masks.contrastive"].shape == (1, 3, 8)
     assert tensors["nll.retain"].shape == (10,)
 
 

@@ -42,6 +42,7 @@ def ablate(
     head_mask: torch.Tensor,
     *,
     max_length: int | None = None,
+    target_join: str = "space",
     batch_size: int = 32,
     progress: ProgressCallback = no_progress,
 ) -> AnalysisResult:
@@ -54,7 +55,13 @@ def ablate(
     check_counts(batch_size=(batch_size, 1))
     mask = check_head_mask(lm, head_mask)
     data = encode_prompt_targets(
-        lm.tokenizer, prompts, targets, lm.device, max_length=max_length, max_context=lm.max_context
+        lm.tokenizer,
+        prompts,
+        targets,
+        lm.device,
+        target_join=target_join,
+        max_length=max_length,
+        max_context=lm.max_context,
     )
     gates = torch.stack([torch.ones_like(mask), mask]).to(lm.device)
     scores = evaluate_gates(lm, data, gates, batch_size, progress, STAGE)

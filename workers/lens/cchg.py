@@ -19,9 +19,13 @@ Progress: stage ``contrastive``, one report per update with the objective (mean 
 as the loss, then stage ``evaluate``.
 
 Summary: on the evaluation pairs (or the training pairs when none are given), retain and
-forget accuracy (every target token right) and mean target log-prob, with all heads on
-(``all_heads``) and with each set's gates binarised at 0.5 (``gated``, one entry per mask,
-and ``gated_mean``): the figures the paper reports.
+forget figures under three conditions: all heads on (``all_heads``); each set's gates
+binarised at 0.5 (``gated``, one entry per mask, and ``gated_mean``), a circuit one can
+name head by head; and each set's continuous gates (``continuous`` and
+``continuous_mean``), the authors' evaluation (their notebook applies the fitted sigmoid
+gates as they are). Figures per side: ``accuracy`` (an example counts when every target
+token is right), ``token_accuracy`` (the share of target tokens right, averaged over
+examples: the authors' measure) and ``logprob`` (mean target-token log-prob).
 """
 
 from __future__ import annotations
@@ -33,13 +37,12 @@ import torch
 from workers.lens.data import TargetBatch, encode_prompt_targets
 from workers.lens.errors import InvalidParameter
 from workers.lens.gate_fit import (
+    GateUpdates,
     LaggedProgress,
     TargetScores,
     check_counts,
     clamped_logit_mean,
-    clip_per_set,
     evaluate_gates,
-    linear_lr,
     make_generator,
     plan_batches,
     score_targets,
@@ -64,7 +67,7 @@ class ContrastPairs:
     forget_targets: list[str]
 
     def encode(
-        self, lm: LoadedModel, max_length: int | None, prefix: str
+        self, lm: LoadedModel, max_length: int | None, prefix: str, target_join: str = "space"
     ) -> tuple[TargetBatch, TargetBatch]:
         """Tokenise both sides; errors name ``<prefix>retain_texts`` and the like."""
         n = len(self.retain_prompts)
@@ -90,6 +93,7 @@ class ContrastPairs:
                     prompts,
                     targets,
                     lm.device,
+                    target_join=target_join,
                     max_length=max_length,
                     max_context=lm.max_context,
                     field_prefix=prefix + side,
@@ -115,6 +119,7 @@ def fit_cchg(
     diff_clip: float = 5.0,
     seed: int | None = None,
     max_length: int | None = None,
+    target_join: str = "space",
     progress: ProgressCallback = no_progress,
 ) -> AnalysisResult:
     """Fit ``num_masks`` contrastive gate sets; tensors ``masks.contrastive`` [num_masks,
@@ -126,34 +131,32 @@ def fit_cchg(
     if l1_weight < 0:
         raise InvalidParameter("l1_weight", f"must be ≥ 0, got {l1_weight}")
     train = ContrastPairs(retain_prompts, retain_targets, forget_prompts, forget_targets)
-    retain, forget = train.encode(lm, max_length, "")
-    evaluation = eval_pairs.encode(lm, max_length, "eval_") if eval_pairs is not None else None
+    retain, forget = train.encode(lm, max_length, "", target_join)
+    evaluation = (
+        eval_pairs.encode(lm, max_length, "eval_", target_join) if eval_pairs is not None else None
+    )
 
     generator = make_generator(seed)
-    logits = uniform_gate_logits(num_masks, lm, generator).to(lm.device).requires_grad_(True)
-    optimizer = torch.optim.Adam([logits], lr=lr)
+    init = uniform_gate_logits(num_masks, lm, generator).to(lm.device)
+    fit = GateUpdates(init, lr, lr_end, num_updates, compute_dtype=lm.dtype)
     plan = plan_batches(len(retain), batch_size, num_updates, generator, lm.device)
     nll = torch.zeros(2, num_updates, device=lm.device)
     reporter = LaggedProgress(progress, STAGE, num_updates, lm.device)
     for update in range(num_updates):
-        for group in optimizer.param_groups:
-            group["lr"] = linear_lr(lr, lr_end, update, num_updates)
-        gates = logits.sigmoid()
+        gates = fit.gates()
         lp_retain = score_targets(lm, plan.batch(retain, update), gates).logprob
         lp_forget = score_targets(lm, plan.batch(forget, update), gates).logprob
         push = (lp_forget - lp_retain.detach()).clamp(min=-diff_clip).mean(dim=1)
-        objective = -lp_retain.mean(dim=1) + push - l1_weight * clamped_logit_mean(logits)
-        objective.sum().backward()
-        assert logits.grad is not None
-        clip_per_set(logits.grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        task = -lp_retain.mean(dim=1) + push
+        regulariser = -l1_weight * clamped_logit_mean(fit.logits)
+        fit.backward(task.sum())
+        fit.step(update, regulariser.sum())
         nll[0, update] = -lp_retain.detach().mean()
         nll[1, update] = -lp_forget.detach().mean()
-        reporter.update(update + 1, objective.detach().mean())
+        reporter.update(update + 1, (task.detach() + regulariser.detach()).mean())
     reporter.finish()
 
-    masks = logits.detach().sigmoid().float().cpu()
+    masks = fit.logits.detach().sigmoid().float().cpu()
     eval_retain, eval_forget = evaluation if evaluation is not None else (retain, forget)
     summary = _evaluate(lm, masks, eval_retain, eval_forget, progress)
     nll = nll.cpu()
@@ -180,22 +183,34 @@ def _evaluate(
     forget: TargetBatch,
     progress: ProgressCallback,
 ) -> dict[str, object]:
-    """Figures with all heads on and with each mask binarised, from one pass per side."""
+    """Figures with all heads on, with each mask binarised and with each mask as fitted,
+    from one pass per side."""
+    n = masks.shape[0]
     binary = (masks >= BINARY_THRESHOLD).float()
-    gates = torch.cat([torch.ones_like(masks[:1]), binary]).to(lm.device)
+    gates = torch.cat([torch.ones_like(masks[:1]), binary, masks]).to(lm.device)
     sides = {
         "retain": evaluate_gates(lm, retain, gates, _EVAL_BATCH, progress, EVAL_STAGE),
         "forget": evaluate_gates(lm, forget, gates, _EVAL_BATCH, progress, EVAL_STAGE),
     }
     per_set = [_figures(sides, s) for s in range(gates.shape[0])]
-    gated = [fig | {"heads_on": int(b.sum())} for fig, b in zip(per_set[1:], binary, strict=True)]
-    mean = {k: sum(g[k] for g in per_set[1:]) / len(binary) for k in per_set[0]}
-    return {"all_heads": per_set[0], "gated": gated, "gated_mean": mean}
+    gated, continuous = per_set[1 : n + 1], per_set[n + 1 :]
+    return {
+        "all_heads": per_set[0],
+        "gated": [fig | {"heads_on": int(b.sum())} for fig, b in zip(gated, binary, strict=True)],
+        "gated_mean": _mean(gated),
+        "continuous": continuous,
+        "continuous_mean": _mean(continuous),
+    }
+
+
+def _mean(figures: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}
 
 
 def _figures(sides: dict[str, TargetScores], gate_set: int) -> dict[str, float]:
     figures = {}
     for side, scores in sides.items():
         figures[f"{side}_accuracy"] = float(scores.correct[gate_set].float().mean())
+        figures[f"{side}_token_accuracy"] = float(scores.token_accuracy[gate_set].mean())
         figures[f"{side}_logprob"] = float(scores.logprob[gate_set].mean())
     return figures

@@ -15,6 +15,21 @@ remove heads, G−) both start from its result; being independent, they run toge
 batch of 2 × num_masks gate sets on the same mini-batches. ``workers.lens.taxonomy`` turns
 G+ and G− into the paper's scores and roles.
 
+Roles: see ``workers.lens.taxonomy`` (per-mask roles from the paper's scores, a consensus
+over masks, ``undetermined`` where neither is supported). Whether a gate's position is the
+loss's doing is read from the fit itself: each update, the NLL's gradient with respect to
+every gate (not its logit, whose gradient vanishes once a gate saturates) is folded into a
+moving average over about ten updates, and ``gate_signal`` [masks, layers, heads] is the
+largest magnitude that average reached in any stage, divided by the regulariser's
+strength: 4λ / (layers × heads), the gradient with respect to a gate at 0.5 that matches
+the regulariser's λ / (layers × heads) on its logit. Below 1, the loss never pulled on the
+gate as hard as the regulariser can, so wherever the gate ended it got there by noise
+(Adam rescales zero-mean gradient noise into full-size steps, and beyond the ±4 clip the
+regulariser stops acting); such a head is ``undetermined`` in that mask instead of
+facilitating, interfering or inconsistent. The moving average, not the last updates
+alone: a head the task needs stops getting gradient once its gate saturates on a model
+that predicts the targets confidently.
+
 Progress: stage ``none`` then stage ``positive+negative``, one report per update (step is
 1-based), with the mean NLL over the stage's gate sets as the loss.
 """
@@ -28,11 +43,10 @@ import torch
 from workers.lens.data import TargetBatch, encode_prompt_targets
 from workers.lens.errors import InvalidParameter
 from workers.lens.gate_fit import (
+    GateUpdates,
     LaggedProgress,
     check_counts,
     clamped_logit_mean,
-    clip_per_set,
-    linear_lr,
     make_generator,
     plan_batches,
     score_targets,
@@ -40,9 +54,19 @@ from workers.lens.gate_fit import (
 )
 from workers.lens.loading import LoadedModel
 from workers.lens.results import AnalysisResult, ProgressCallback, no_progress
-from workers.lens.taxonomy import HeadRole, consensus_roles, mask_role_counts, role_scores
+from workers.lens.taxonomy import (
+    DEFAULT_CONSENSUS,
+    HeadRole,
+    check_consensus,
+    consensus_roles,
+    mask_role_counts,
+    mask_roles,
+    role_scores,
+)
 
 JOINT_STAGE = "positive+negative"
+SIGNAL_DECAY = 0.9
+"""Of the moving average of each gate's loss gradient: about ten updates."""
 _SCORE_NAMES = {
     HeadRole.FACILITATING: "facilitation",
     HeadRole.INTERFERING: "interference",
@@ -63,11 +87,13 @@ class FitSettings:
 
 @dataclass(frozen=True)
 class StageRun:
-    """Final gate logits [sets, layers, heads], per-update NLL [updates, sets], and the
-    gates after every update [updates, sets, layers, heads] when recorded."""
+    """Final gate logits [sets, layers, heads], per-update NLL [updates, sets], the largest
+    moving average of each gate's NLL gradient [sets, layers, heads], and the gates after
+    every update [updates, sets, layers, heads] when recorded."""
 
     logits: torch.Tensor
     nll: torch.Tensor
+    peak_gradient: torch.Tensor
     history: torch.Tensor | None
 
 
@@ -86,7 +112,9 @@ def fit_chg(
     gradient_accum_steps: int = 1,
     seed: int | None = None,
     threshold: float = 0.5,
+    consensus: float = DEFAULT_CONSENSUS,
     max_length: int | None = None,
+    target_join: str = "space",
     record_history: bool = False,
     progress: ProgressCallback = no_progress,
 ) -> AnalysisResult:
@@ -99,8 +127,15 @@ def fit_chg(
         gradient_accum_steps=(gradient_accum_steps, 1),
     )
     _check_rates(l1_weight, lr, lr_end, threshold)
+    check_consensus(consensus)
     data = encode_prompt_targets(
-        lm.tokenizer, prompts, targets, lm.device, max_length=max_length, max_context=lm.max_context
+        lm.tokenizer,
+        prompts,
+        targets,
+        lm.device,
+        target_join=target_join,
+        max_length=max_length,
+        max_context=lm.max_context,
     )
     generator = make_generator(seed)
     settings = FitSettings(batch_size, lr, lr_end, gradient_accum_steps, record_history)
@@ -121,9 +156,12 @@ def fit_chg(
         positive = negative = StageRun(
             logits=none.logits,
             nll=none.nll[:0],
+            peak_gradient=none.peak_gradient,
             history=None if none.history is None else none.history[:0],
         )
-    return _result({"none": none, "positive": positive, "negative": negative}, threshold, generator)
+    runs = {"none": none, "positive": positive, "negative": negative}
+    signal_floor = 4 * l1_weight / (lm.adapter.num_layers * lm.adapter.num_heads)
+    return _result(runs, threshold, consensus, signal_floor, generator)
 
 
 def _check_rates(l1_weight: float, lr: float, lr_end: float | None, threshold: float) -> None:
@@ -152,56 +190,73 @@ def _fit_stage(
 ) -> StageRun:
     """Fit gate sets from ``init`` logits, set ``s`` with regulariser weight ``weights[s]``."""
     device = lm.device
-    logits = init.to(device).requires_grad_(True)
+    fit = GateUpdates(
+        init.to(device), settings.lr, settings.lr_end, updates, compute_dtype=lm.dtype
+    )
     weights = weights.to(device)
-    optimizer = torch.optim.Adam([logits], lr=settings.lr)
     accum = settings.gradient_accum_steps
     plan = plan_batches(len(data), settings.batch_size, updates * accum, generator, device)
     nll = torch.zeros(updates, init.shape[0], device=device)
+    average = torch.zeros(init.shape, device=device)
+    peak = torch.zeros(init.shape, device=device)
     history = torch.empty(updates, *init.shape, device=device) if settings.record_history else None
     reporter = LaggedProgress(progress, stage, updates, device)
     for update in range(updates):
-        for group in optimizer.param_groups:
-            group["lr"] = linear_lr(settings.lr, settings.lr_end, update, updates)
+        gates = fit.gates()
         for micro in range(accum):
-            scores = score_targets(lm, plan.batch(data, update * accum + micro), logits.sigmoid())
+            scores = score_targets(lm, plan.batch(data, update * accum + micro), gates)
             batch_nll = -scores.logprob.mean(dim=1)
-            loss = (batch_nll - weights * clamped_logit_mean(logits)).sum() / accum
-            loss.backward()
+            fit.backward(batch_nll.sum() / accum)
             nll[update] += batch_nll.detach() / accum
-        assert logits.grad is not None
-        clip_per_set(logits.grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        gradient = fit.step(update, -(weights * clamped_logit_mean(fit.logits)).sum())
+        average.mul_(SIGNAL_DECAY).add_(gradient, alpha=1 - SIGNAL_DECAY)
+        torch.maximum(peak, average.abs(), out=peak)
         if history is not None:
-            history[update] = logits.detach().sigmoid()
+            history[update] = fit.logits.detach().sigmoid()
         reporter.update(update + 1, nll[update].mean())
     reporter.finish()
-    return StageRun(logits=logits.detach(), nll=nll, history=history)
+    return StageRun(logits=fit.logits.detach(), nll=nll, peak_gradient=peak, history=history)
 
 
 def _split(joint: StageRun, num_masks: int) -> tuple[StageRun, StageRun]:
     def part(sets: slice) -> StageRun:
         history = None if joint.history is None else joint.history[:, sets]
-        return StageRun(logits=joint.logits[sets], nll=joint.nll[:, sets], history=history)
+        return StageRun(
+            logits=joint.logits[sets],
+            nll=joint.nll[:, sets],
+            peak_gradient=joint.peak_gradient[sets],
+            history=history,
+        )
 
     return part(slice(0, num_masks)), part(slice(num_masks, None))
 
 
 def _result(
-    runs: dict[str, StageRun], threshold: float, generator: torch.Generator
+    runs: dict[str, StageRun],
+    threshold: float,
+    consensus: float,
+    signal_floor: float,
+    generator: torch.Generator,
 ) -> AnalysisResult:
     masks = {stage: run.logits.sigmoid().float().cpu() for stage, run in runs.items()}
     g_plus, g_minus = masks["positive"], masks["negative"]
     nll = {stage: run.nll.mean(dim=1).float().cpu() for stage, run in runs.items()}
-    roles = consensus_roles(g_plus, g_minus, threshold)
+    peak = torch.stack([run.peak_gradient.float().cpu() for run in runs.values()]).amax(dim=0)
+    signal = peak / signal_floor if signal_floor > 0 else torch.full_like(peak, torch.inf)
+    per_mask = mask_roles(g_plus, g_minus, threshold, signal)
+    roles, agreement = consensus_roles(per_mask, consensus)
     tensors = {f"masks.{stage}": m.contiguous() for stage, m in masks.items()}
     tensors |= {f"nll.{stage}": v for stage, v in nll.items()}
     tensors |= {
         f"scores.{_SCORE_NAMES[role]}": s.contiguous()
         for role, s in role_scores(g_plus, g_minus).items()
     }
-    tensors["taxonomy"] = roles
+    tensors |= {
+        "taxonomy": roles,
+        "taxonomy_agreement": agreement,
+        "mask_roles": per_mask,
+        "gate_signal": signal.contiguous(),
+    }
     for stage, run in runs.items():
         if run.history is not None:
             tensors[f"history.{stage}"] = run.history.float().cpu().contiguous()
@@ -212,12 +267,15 @@ def _result(
         "layers": g_plus.shape[1],
         "heads": g_plus.shape[2],
         "threshold": threshold,
+        "consensus": consensus,
         "seed": generator.initial_seed(),
         "role_codes": {role.label: int(role) for role in HeadRole},
         "roles": [[HeadRole(c).label for c in row] for row in codes],
         "role_counts": {role.label: int((roles == role).sum()) for role in HeadRole},
         "facilitating_heads": (roles == HeadRole.FACILITATING).nonzero().tolist(),
+        "taxonomy_agreement": [[round(float(a), 4) for a in row] for row in agreement],
         "mask_counts": {role.label: c.tolist() for role, c in counts.items()},
+        "without_signal": int((signal < 1).sum()),
         "final_nll": {stage: float(v[-1]) if len(v) else None for stage, v in nll.items()},
     }
     return AnalysisResult(tensors=tensors, summary=summary)

@@ -1,10 +1,25 @@
 """Prompt/target batches for the gate fits and ablations, and the synthetic aba/abb task.
 
-A target is tokenised as the continuation of its prompt: prompt + target is tokenised as
-one string and the target's tokens are the ones whose character span reaches into the
-target (a token straddling the boundary counts as target: predicting it requires
-predicting the target). A tokenizer without offsets tokenises the two apart instead.
-Only target tokens are supervised.
+How a prompt and its target are joined (``target_join``):
+
+- ``"space"`` (the default): the seed library's and the CHG authors' convention. The
+  prompt's trailing whitespace is stripped, the target gets one leading space unless it
+  already starts with whitespace, and the two are tokenised apart, which forces a token
+  boundary between them (the authors insert a marker token and remove it afterwards;
+  tokenising apart gives the same ids, since a tokenizer splits its input at added tokens
+  before anything else). A target written as users write it (``"Paris"``) is therefore
+  the word ``" Paris"``, and prompt tokens never merge with target tokens.
+- ``"raw"``: the target is the literal continuation of the prompt's characters:
+  prompt + target is tokenised as one string and the target's tokens are the ones whose
+  character span reaches into the target (a token straddling the boundary counts as
+  target: predicting it requires predicting the target). A tokenizer without offsets
+  tokenises the two apart instead.
+
+BOS, under both: the prompt is tokenised with the model tokenizer's own special tokens
+(a BOS where the model's tokenizer adds one; special tokens it appends, such as an EOS,
+are dropped), and no BOS ever comes before the target. The seed tokenises with no special
+tokens at all; keeping the BOS is what the model saw in training, which matters for most
+models that use one. Only target tokens are supervised.
 """
 
 from __future__ import annotations
@@ -20,6 +35,13 @@ from workers.lens.errors import ContextTooLong, InvalidParameter
 
 IGNORE = -100
 """Label of positions that are not supervised (prompt and padding)."""
+
+TargetJoin = Literal["space", "raw"]
+TARGET_JOINS: tuple[str, ...] = ("space", "raw")
+Pattern = Literal["mixed", "aba", "abb"]
+PATTERNS: tuple[str, ...] = ("mixed", "aba", "abb")
+PATTERN_MARK = "^"
+"""Follows each of a line's first two words, as in the authors' rows (``flow^ started^ flow``)."""
 
 _PATTERN_LINES = 4
 _PATTERN_SCAN = 5000
@@ -74,11 +96,13 @@ def encode_prompt_targets(
     targets: list[str],
     device: torch.device,
     *,
+    target_join: str = "space",
     max_length: int | None = None,
     max_context: int | None = None,
     field_prefix: str = "",
 ) -> TargetBatch:
-    """Tokenise prompt/target pairs into one right-padded ``TargetBatch``.
+    """Tokenise prompt/target pairs, joined as ``target_join`` says (see the module
+    docstring), into one right-padded ``TargetBatch``.
 
     ``max_length`` truncates prompt + target by dropping prompt tokens from the left (a
     leading BOS is kept when there is room); a target that does not fit with at least one
@@ -98,8 +122,15 @@ def encode_prompt_targets(
         raise InvalidParameter(targets_field, f"targets {empty} are empty")
     if max_length is not None and max_length < 2:
         raise InvalidParameter("max_length", f"must be at least 2, got {max_length}")
-    pairs = _split_tokens(tokenizer, prompts, targets)
-    special = set(tokenizer.all_special_ids)
+    if target_join == "space":
+        pairs = _tokens_apart(tokenizer, *join_with_space(prompts, targets))
+    elif target_join == "raw":
+        pairs = _split_tokens(tokenizer, prompts, targets)
+    else:
+        raise InvalidParameter(
+            "target_join", f"must be one of {list(TARGET_JOINS)}, got {target_join!r}"
+        )
+    special = _added_specials(tokenizer)
     sequences, starts = [], []
     for i, (prompt_ids, target_ids) in enumerate(pairs):
         if not target_ids:
@@ -121,18 +152,35 @@ def encode_prompt_targets(
     return _pad(sequences, starts, tokenizer.pad_token_id or 0, device)
 
 
+def join_with_space(prompts: list[str], targets: list[str]) -> tuple[list[str], list[str]]:
+    """The ``"space"`` join's texts: prompts without trailing whitespace, targets with one
+    leading space unless they start with whitespace."""
+    return (
+        [p.rstrip() for p in prompts],
+        [t if t[:1].isspace() else " " + t for t in targets],
+    )
+
+
+def _tokens_apart(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str]
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, target ids) per pair, each tokenised on its own: the prompt with the
+    tokenizer's special tokens (a BOS, say) less any it appends, the target with none."""
+    special = _added_specials(tokenizer)
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    return [(_strip_trailing(p, special), t) for p, t in zip(prompt_ids, target_ids, strict=True)]
+
+
 def _split_tokens(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str]
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, target ids) per pair; special tokens after the target (an EOS) are dropped."""
-    special = set(tokenizer.all_special_ids)
+    """(prompt ids, target ids) per pair of the ``"raw"`` join; special tokens after the
+    target (an EOS) are dropped."""
     if not tokenizer.is_fast:
         # No offsets: tokenise apart, keeping the prompt's leading specials (a BOS) only.
-        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
-        return [
-            (_strip_trailing(p, special), t) for p, t in zip(prompt_ids, target_ids, strict=True)
-        ]
+        return _tokens_apart(tokenizer, prompts, targets)
+    special = _added_specials(tokenizer)
     full = [p + t for p, t in zip(prompts, targets, strict=True)]
     enc = tokenizer(full, add_special_tokens=True, return_offsets_mapping=True)
     pairs: list[tuple[list[int], list[int]]] = []
@@ -150,6 +198,12 @@ def _split_tokens(
         last = len(in_target) - 1 - in_target[::-1].index(True)
         pairs.append((ids[:first], ids[first : last + 1]))
     return pairs
+
+
+def _added_specials(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of the special tokens a tokenizer adds around a text (BOS, EOS, …); the unknown
+    token stands for text, so it is not one of them."""
+    return set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
 
 
 def _strip_trailing(ids: list[int], special: set[int]) -> list[int]:
@@ -194,30 +248,39 @@ def _pad(
 
 def generate_pattern(
     tokenizer: PreTrainedTokenizerBase,
-    pattern: Literal["aba", "abb"],
+    pattern: str,
     num_samples: int,
     seed: int | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Prompts and targets of the aba/abb rule-induction task.
+    """Prompts and targets of the aba/abb rule-induction task, as the CHG authors' rows.
 
-    Each prompt holds four complete lines "a b a" (or "a b b"), each with its own pair of
-    distinct words, then an incomplete "a b" line; the target (" a" or " b") completes it.
-    Words are vocabulary tokens that come back as one token when encoded with a leading
-    space, so each target is one token.
+    A prompt holds four complete lines, each with its own pair of distinct words, then an
+    incomplete one: `` flow^ started^ flow`` (aba) or `` flow^ started^ started`` (abb),
+    lines joined by newlines, the last line `` a^ b^``; the target (`` a`` or `` b``)
+    completes it and is one token, so only the final token is scored. ``"mixed"`` (the
+    paper's set) draws half the rows from each rule, in random order, so the model has to
+    infer the rule from the complete lines. Words are vocabulary tokens that come back as
+    one token when encoded with a leading space.
     """
-    if pattern not in ("aba", "abb"):
-        raise InvalidParameter("pattern", f"must be 'aba' or 'abb', got {pattern!r}")
+    if pattern not in PATTERNS:
+        raise InvalidParameter("pattern", f"must be one of {list(PATTERNS)}, got {pattern!r}")
     if num_samples < 1:
         raise InvalidParameter("num_samples", f"must be at least 1, got {num_samples}")
     rng = random.Random(seed)
     words = _single_token_words(tokenizer, rng)
+    if pattern == "mixed":
+        rules = ["aba"] * ((num_samples + 1) // 2) + ["abb"] * (num_samples // 2)
+        rng.shuffle(rules)
+    else:
+        rules = [pattern] * num_samples
     prompts, targets = [], []
-    for _ in range(num_samples):
+    for rule in rules:
+        third = 0 if rule == "aba" else 1
         lines = [rng.sample(words, 2) for _ in range(_PATTERN_LINES + 1)]
-        third = 0 if pattern == "aba" else 1
-        complete = [f"{a} {b} {(a, b)[third]}" for a, b in lines[:-1]]
+        mark = PATTERN_MARK
+        complete = [f" {a}{mark} {b}{mark} {(a, b)[third]}" for a, b in lines[:-1]]
         a, b = lines[-1]
-        prompts.append("\n".join([*complete, f"{a} {b}"]))
+        prompts.append("\n".join([*complete, f" {a}{mark} {b}{mark}"]))
         targets.append(f" {(a, b)[third]}")
     return prompts, targets
 
@@ -228,13 +291,14 @@ def _single_token_words(tokenizer: PreTrainedTokenizerBase, rng: random.Random) 
     ids = (
         range(vocab) if vocab <= _PATTERN_SCAN else sorted(rng.sample(range(vocab), _PATTERN_SCAN))
     )
-    special = set(tokenizer.all_special_ids)
+    special = _added_specials(tokenizer)
     candidates = sorted(
         {
             w
             for i in ids
             if i not in special
             and (w := cast(str, tokenizer.decode([i])).strip())
+            and w != PATTERN_MARK
             and not any(c.isspace() for c in w)
         }
     )

@@ -1,15 +1,25 @@
 """The demo model lens-server builds for itself, since no model hub is reachable.
 
-A word-level tokenizer over a few dozen English words and a two-layer Llama,
-trained for a few seconds on CPU to copy a random word sequence after a
-separator: ``red cat blue dog | red cat blue`` → ``dog``. Copying needs
-induction heads (a previous-token head in layer 0, an induction head in layer
-1), so the model has a known circuit for the analyses to find.
+A word-level tokenizer over a few dozen English words and a Llama of 3 layers × 8
+heads, trained for about a minute of CPU time on two tasks:
 
-Targets are continuations of their prompt and carry a leading space
-(``" dog"``): the core tokenises ``prompt + target`` jointly, and since the
-tokenizer splits on spaces, ``prompt + " dog"`` adds exactly one token where
-``prompt + "dog"`` would glue two words into one unknown token.
+- copy a random word sequence after a separator: ``red cat blue dog | red cat blue``
+  → ``dog``. Copying needs induction heads (a previous-token head, then a head that
+  attends to the token after the current token's earlier occurrence). The training
+  copies skip the next word now and then (``SKIP``, at each word), so the model also
+  keeps a weaker mechanism that predicts the word after next: on the clean copies the
+  analyses use, those heads only hurt;
+- the aba/abb rule task of the CHG paper, in the authors' format
+  (`` red^ cat^ red`` lines, see ``workers.lens.data.generate_pattern``): each line's
+  third word repeats its first (aba) or its second (abb), one rule per sequence. Its
+  heads have nothing to do with copying.
+
+So a chg fit on the copy task finds facilitating, irrelevant and interfering heads, each
+with a known cause (``lens demo`` shows them, with the ablations that confirm each role;
+``DEMO_CHG`` holds that fit's settings).
+
+Targets are words; the service joins them to their prompt with a space
+(``target_join="space"``), as users of the seed library write them (``"dog"``).
 """
 
 from __future__ import annotations
@@ -22,9 +32,10 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +47,7 @@ from workers.lens.results import Progress, ProgressCallback, no_progress
 
 logger = logging.getLogger(__name__)
 
-VERSION = "1"
+VERSION = "2"
 """Bump when the vocabulary, architecture or training changes: it names the cache directory."""
 
 CACHE_ENV = "LENS_DEMO_CACHE"
@@ -46,6 +57,8 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SEPARATOR = "|"
 NEWLINE = "\n"
 PERIOD = "."
+MARK = "^"
+"""Marks a word of the aba/abb task's rows (``red^ cat^ red``); a token of its own."""
 
 WORDS: tuple[str, ...] = (
     # colours
@@ -69,18 +82,41 @@ WORDS: tuple[str, ...] = (
 """The words of the vocabulary; each one is a single token."""
 
 MIN_COPY_LENGTH = 3
-MAX_COPY_LENGTH = 12
+MAX_COPY_LENGTH = 8
 """Lengths of the word sequences the model learned to copy."""
+MIN_PATTERN_LINES = 2
+MAX_PATTERN_LINES = 5
+"""Lines per aba/abb sequence in training (``generate_pattern`` writes five)."""
 
+TASKS = ("skipping copy", "skipping copy", "pattern")
+"""A training batch cycles through these: two thirds copies, one third aba/abb rows."""
+SKIP = 0.2
+"""Chance that a training copy skips the next word (``w1 w3 …``), at each word."""
+EVAL_TASKS = ("copy", "pattern")
+"""Held-out accuracy is measured on clean copies."""
+"""A training batch cycles through these: half copy, a quarter each reverse and aba/abb."""
+LAYERS = 3
+HEADS = 8
+HIDDEN = 64
 MAX_POSITIONS = 128
-DEFAULT_STEPS = 250
-"""About 13 s of CPU time; held-out copy accuracy above 99 % for seeds 0–2."""
+DEFAULT_STEPS = 500
 BATCH_SIZE = 64
 LEARNING_RATE = 5e-3
 TRAIN_THREADS = 1
 """One thread: the model is so small that more threads only add synchronisation, and on a
 busy shared CPU two threads trained ten times slower than one."""
 EVAL_SEQUENCES = 256
+
+DEMO_CHG = {
+    "prompts": 256,
+    "data_seed": 7,
+    "num_masks": 4,
+    "num_updates": 300,
+    "batch_size": 16,
+    "seed": 0,
+}
+"""The chg fit ``lens demo`` runs on the copy task (``copy_task_examples``), and the tests
+check: its prompts, their seed and the fit's settings."""
 
 DEMO_TEXTS: tuple[str, ...] = (
     "red cat blue dog | red cat blue dog",
@@ -92,9 +128,9 @@ DEMO_TEXTS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class _CopyBatch:
+class _Batch:
     """``input_ids`` [batch, seq], right-padded; ``scored`` [batch, seq] marks positions
-    whose next token is a copied word (the loss and the accuracy count only those)."""
+    whose next token the task determines (the loss and the accuracy count only those)."""
 
     input_ids: torch.Tensor
     scored: torch.Tensor
@@ -102,24 +138,27 @@ class _CopyBatch:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The demo's word-level tokenizer: words split on spaces, ``\\n`` a token of its own."""
-    tokens = [PAD, BOS, EOS, UNK, NEWLINE, SEPARATOR, PERIOD, *WORDS]
+    tokens = [PAD, BOS, EOS, UNK, NEWLINE, SEPARATOR, PERIOD, MARK, *WORDS]
     vocab = {token: i for i, token in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
             pre_tokenizers.Split(NEWLINE, behavior="isolated"),
+            pre_tokenizers.Split(MARK, behavior="isolated"),
         ]
     )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    # Decoding joins words with one space but none around a newline, so texts round-trip.
+    # Decoding joins words with one space but none around a newline or before a mark, so
+    # texts round-trip.
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace(Regex(r"^(?=[^\n])"), " "),
             decoders.Fuse(),
             decoders.Replace("\n ", "\n"),
+            decoders.Replace(f" {MARK}", MARK),
             decoders.Strip(" ", 1, 0),
         ]
     )
@@ -137,11 +176,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def _build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -159,8 +198,9 @@ def _copy_words(rng: random.Random, length: int) -> list[str]:
 def copy_task_examples(n: int, *, seed: int, length: int = 6) -> tuple[list[str], list[str]]:
     """``n`` copy prompts cut in the middle of the copy, and each one's next word.
 
-    A prompt is ``w1 … wL | w1 … wk`` with 1 ≤ k < L; its target is ``" w(k+1)"``,
-    with the leading space that makes it a continuation (see the module docstring).
+    A prompt is ``w1 … wL | w1 … wk`` with 1 ≤ k < L; its target is the word
+    ``w(k+1)``, written as the seed library's users write targets (no leading space: the
+    default ``target_join="space"`` joins it).
     """
     if n < 1:
         raise InvalidParameter("n", f"must be at least 1, got {n}")
@@ -174,27 +214,58 @@ def copy_task_examples(n: int, *, seed: int, length: int = 6) -> tuple[list[str]
         words = _copy_words(rng, length)
         cut = rng.randint(1, length - 1)
         prompts.append(" ".join([*words, SEPARATOR, *words[:cut]]))
-        targets.append(" " + words[cut])
+        targets.append(words[cut])
     return prompts, targets
 
 
-def _copy_batch(rng: random.Random, vocab: dict[str, int], size: int) -> _CopyBatch:
-    """A batch of ``<bos> w1 … wn | w1 … wn`` with n drawn from the copy lengths."""
-    rows = []
-    for _ in range(size):
-        words = [vocab[w] for w in _copy_words(rng, rng.randint(MIN_COPY_LENGTH, MAX_COPY_LENGTH))]
-        rows.append([vocab[BOS], *words, vocab[SEPARATOR], *words])
-    seq = max(len(r) for r in rows)
+def _copy_row(
+    rng: random.Random, vocab: dict[str, int], skip: float = 0.0
+) -> tuple[list[int], list[int]]:
+    """``<bos> w1 … wn | w1 … wn``, and the positions that predict a copied word. With
+    probability ``skip`` per word the copy skips the next word (``w1 w3 …``)."""
+    words = [vocab[w] for w in _copy_words(rng, rng.randint(MIN_COPY_LENGTH, MAX_COPY_LENGTH))]
+    n = len(words)
+    copied, i = [], 0
+    while i < n:
+        copied.append(words[i])
+        i += 2 if i + 2 < n and rng.random() < skip else 1
+    return [vocab[BOS], *words, vocab[SEPARATOR], *copied], list(range(n + 1, n + len(copied) + 1))
+
+
+def _pattern_row(rng: random.Random, vocab: dict[str, int]) -> tuple[list[int], list[int]]:
+    """``<bos> a ^ b ^ a \\n c ^ d ^ c …`` under one rule, and the positions that predict
+    a third word after the first line (the first line's is a guess between two)."""
+    third = rng.randint(0, 1)
+    row, scored = [vocab[BOS]], []
+    for line in range(rng.randint(MIN_PATTERN_LINES, MAX_PATTERN_LINES)):
+        a, b = (vocab[w] for w in rng.sample(WORDS, 2))
+        if line:
+            row.append(vocab[NEWLINE])
+        row += [a, vocab[MARK], b, vocab[MARK]]
+        if line:
+            scored.append(len(row) - 1)
+        row.append((a, b)[third])
+    return row, scored
+
+
+def _batch(rng: random.Random, vocab: dict[str, int], size: int, task: str | None) -> _Batch:
+    """A batch of one task's rows, or of the training mix (``TASKS``, when ``task`` is None)."""
+    makers: dict[str, Callable[[random.Random, dict[str, int]], tuple[list[int], list[int]]]] = {
+        "copy": _copy_row,
+        "skipping copy": partial(_copy_row, skip=SKIP),
+        "pattern": _pattern_row,
+    }
+    rows = [makers[task or TASKS[i % len(TASKS)]](rng, vocab) for i in range(size)]
+    seq = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((size, seq), vocab[PAD], dtype=torch.long)
     scored = torch.zeros(size, seq, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        n = (len(row) - 2) // 2
-        input_ids[i, : len(row)] = torch.tensor(row)
-        scored[i, n + 1 : 2 * n + 1] = True
-    return _CopyBatch(input_ids=input_ids, scored=scored)
+    for i, (ids, positions) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        scored[i, positions] = True
+    return _Batch(input_ids=input_ids, scored=scored)
 
 
-def _copy_loss(model: LlamaForCausalLM, batch: _CopyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss(model: LlamaForCausalLM, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean NLL and accuracy [] over the scored positions' next tokens.
 
     Right padding needs no attention mask: causal attention keeps real tokens from
@@ -237,7 +308,7 @@ def _train(
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
-        loss, _ = _copy_loss(model, _copy_batch(rng, vocab, BATCH_SIZE))
+        loss, _ = _loss(model, _batch(rng, vocab, BATCH_SIZE, None))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -249,10 +320,12 @@ def _train(
 
 
 @torch.no_grad()
-def _held_out_accuracy(model: LlamaForCausalLM, vocab: dict[str, int], seed: int) -> float:
-    """Next-token accuracy on the copied half of sequences never trained on."""
-    batch = _copy_batch(random.Random(f"demo-eval-{seed}"), vocab, EVAL_SEQUENCES)
-    return _copy_loss(model, batch)[1].item()
+def _held_out_accuracy(
+    model: LlamaForCausalLM, vocab: dict[str, int], seed: int, task: str
+) -> float:
+    """Next-token accuracy of one task's scored positions, on sequences never trained on."""
+    batch = _batch(random.Random(f"demo-eval-{task}-{seed}"), vocab, EVAL_SEQUENCES, task)
+    return _loss(model, batch)[1].item()
 
 
 def build_demo_model(
@@ -280,22 +353,26 @@ def build_demo_model(
         torch.manual_seed(seed)
         model = _build_model(tokenizer)
         final_loss = _train(model, vocab, steps, seed, progress or no_progress)
-        accuracy = _held_out_accuracy(model, vocab, seed)
+        accuracy = {task: _held_out_accuracy(model, vocab, seed, task) for task in EVAL_TASKS}
     seconds = time.monotonic() - started
-    logger.info("demo model: %d steps in %.1f s, copy accuracy %.3f", steps, seconds, accuracy)
+    logger.info("demo model: %d steps in %.1f s, held-out accuracy %s", steps, seconds, accuracy)
     info = {
         "version": VERSION,
-        "task": "copy",
-        "description": "w1 … wn | w1 … wn: copy distinct random words after the separator",
+        "tasks": {
+            "copy": "w1 … wn | w1 … wn: copy distinct random words after the separator",
+            "pattern": "a^ b^ a lines (aba) or a^ b^ b lines (abb), one rule per sequence",
+        },
         "words": list(WORDS),
         "separator": SEPARATOR,
+        "mark": MARK,
         "min_length": MIN_COPY_LENGTH,
         "max_length": MAX_COPY_LENGTH,
-        "target_convention": "targets continue their prompt with a leading space, e.g. ' dog'",
+        "target_convention": "word targets, joined to their prompt with a space ('dog')",
         "seed": seed,
         "steps": steps,
         "final_loss": final_loss,
-        "copy_accuracy": accuracy,
+        "accuracy": accuracy,
+        "copy_accuracy": accuracy["copy"],
         "build_seconds": round(seconds, 1),
     }
     _save_atomically(path, model, tokenizer, info)

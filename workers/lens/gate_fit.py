@@ -2,7 +2,8 @@
 
 Several gate sets are scored in one forward pass (see ``workers.lens.gated_forward``).
 Nothing here reads a device value back to the host, so a fit queues its updates without
-waiting on the device; only the progress reports read the loss.
+waiting on the device; only the progress reports read the loss (and, for a model that
+computes in fp16, the loss scale: see :class:`GateUpdates`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ MAX_GRAD_NORM = 1.0
 
 @dataclass(frozen=True)
 class TargetScores:
-    """Per gate set and example [sets, batch]: mean target-token log-prob, and whether the
-    argmax is right at every target position (bool)."""
+    """Per gate set and example [sets, batch]: mean target-token log-prob, whether the
+    argmax is right at every target position (bool), and the share of target positions
+    where it is right (the authors' per-token accuracy)."""
 
     logprob: torch.Tensor
     correct: torch.Tensor
+    token_accuracy: torch.Tensor
 
 
 def score_targets(lm: LoadedModel, batch: TargetBatch, gates: torch.Tensor) -> TargetScores:
@@ -55,8 +58,14 @@ def score_targets(lm: LoadedModel, batch: TargetBatch, gates: torch.Tensor) -> T
         logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none"
     ).view_as(labels)
     logprob = token_logp.sum(dim=1) / valid.sum(dim=1)
-    correct = ((logits.detach().argmax(dim=-1) == labels) | ~valid).all(dim=1)
-    return TargetScores(logprob=logprob.view(sets, rows), correct=correct.view(sets, rows))
+    right = logits.detach().argmax(dim=-1) == labels
+    correct = (right | ~valid).all(dim=1)
+    token_accuracy = (right & valid).sum(dim=1) / valid.sum(dim=1)
+    return TargetScores(
+        logprob=logprob.view(sets, rows),
+        correct=correct.view(sets, rows),
+        token_accuracy=token_accuracy.view(sets, rows),
+    )
 
 
 def evaluate_gates(
@@ -72,17 +81,82 @@ def evaluate_gates(
     ``gates`` [sets, layers, heads]; returns [sets, examples] tensors on the host.
     """
     chunks = range(0, len(batch), batch_size)
-    logprob, correct = [], []
+    parts = []
     with torch.inference_mode():
         for step, start in enumerate(chunks, start=1):
             part = batch.rows(range(start, min(start + batch_size, len(batch))))
-            scores = score_targets(lm, part, gates)
-            logprob.append(scores.logprob)
-            correct.append(scores.correct)
+            parts.append(score_targets(lm, part, gates))
             progress(Progress(stage=stage, step=step, total=len(chunks)))
     return TargetScores(
-        logprob=torch.cat(logprob, dim=1).cpu(), correct=torch.cat(correct, dim=1).cpu()
+        logprob=torch.cat([p.logprob for p in parts], dim=1).cpu(),
+        correct=torch.cat([p.correct for p in parts], dim=1).cpu(),
+        token_accuracy=torch.cat([p.token_accuracy for p in parts], dim=1).cpu(),
     )
+
+
+class GateUpdates:
+    """Adam on gate logits [sets, layers, heads], one update at a time.
+
+    The task loss is differentiated with respect to the gates themselves (so a fit can
+    watch each head's loss gradient, see :meth:`step`), the chain rule through the sigmoid
+    applied by hand, and the regulariser with respect to the logits; then each set's
+    gradient norm is clipped on its own and the learning rate follows :func:`linear_lr`.
+
+    A model that computes in fp16 (GPUs without bf16) gets a dynamic loss scale, as
+    autocast training does: small gate gradients would underflow in fp16's backward
+    pass. An update whose scaled gradients overflow is skipped and the scale halved.
+    """
+
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        lr: float,
+        lr_end: float | None,
+        total: int,
+        *,
+        compute_dtype: torch.dtype,
+    ) -> None:
+        self.logits = logits.requires_grad_(True)
+        self._lr, self._lr_end, self._total = lr, lr_end, total
+        self._optimizer = torch.optim.Adam([self.logits], lr=lr)
+        self._scaler = torch.amp.GradScaler(
+            logits.device.type, enabled=compute_dtype == torch.float16
+        )
+        self._gates: torch.Tensor | None = None
+
+    def gates(self) -> torch.Tensor:
+        """This update's gates, a leaf that collects the task loss's gradient."""
+        self._gates = self.logits.detach().sigmoid().requires_grad_(True)
+        return self._gates
+
+    def backward(self, task_loss: torch.Tensor) -> None:
+        """Accumulate the gradient of ``task_loss`` (a scalar of :meth:`gates`)."""
+        self._scaler.scale(task_loss).backward()
+
+    def step(self, update: int, regulariser: torch.Tensor) -> torch.Tensor:
+        """Apply 0-based ``update`` with ``regulariser`` (a scalar of the logits) added to
+        the task loss; returns d(task loss)/d(gate) [sets, layers, heads] (zeros where a
+        scaled gradient overflowed and the update was skipped)."""
+        gates = self._gates
+        if gates is None or gates.grad is None:
+            raise RuntimeError("step() needs gates() and backward() first")
+        for group in self._optimizer.param_groups:
+            group["lr"] = linear_lr(self._lr, self._lr_end, update, self._total)
+        self._scaler.scale(regulariser).backward()
+        if self.logits.grad is None:  # a regulariser of weight 0 everywhere
+            self.logits.grad = torch.zeros_like(self.logits)
+        g = gates.detach()
+        self.logits.grad.add_(gates.grad * g * (1 - g))
+        self._scaler.unscale_(self._optimizer)
+        clip_per_set(self.logits.grad)
+        self._scaler.step(self._optimizer)
+        task_grad = torch.nan_to_num(
+            gates.grad / self._scaler.get_scale(), nan=0.0, posinf=0.0, neginf=0.0
+        )
+        self._scaler.update()
+        self._optimizer.zero_grad(set_to_none=True)
+        self._gates = None
+        return task_grad
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from workers.lens.ablation import ablate
 from workers.lens.adapters import adapt
-from workers.lens.demo import copy_task_examples
+from workers.lens.demo import HEADS, LAYERS, copy_task_examples
 from workers.lens.errors import InvalidParameter
 from workers.lens.gated_forward import Shortcuts, shortcuts
 from workers.lens.loading import LoadedModel, load_model
@@ -21,6 +21,8 @@ from workers.lens.testing import build_tiny_model
 
 PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to"]
 TARGETS = [" Paris.", " Mary"]
+SHAPE = (LAYERS, HEADS)
+"""The demo model's layers and heads."""
 FAMILIES = ["llama", "gpt2", "gpt_neox", "qwen2_moe", "gemma2", "falcon", "bloom", "mpt"]
 
 
@@ -39,8 +41,10 @@ def _reference(path: str, prompts: list[str], targets: list[str], mask: torch.Te
                 parts.o_proj.weight.mul_(scale[None, :])
     nll, correct = [], []
     for prompt, target in zip(prompts, targets, strict=True):
+        # The service's default join: a word target gets its space.
+        joined = target if target[:1].isspace() else " " + target
         prompt_ids = tok(prompt)["input_ids"]
-        ids = tok(prompt + target)["input_ids"]
+        ids = tok(prompt + joined)["input_ids"]
         assert ids[: len(prompt_ids)] == prompt_ids, "the test needs a clean boundary"
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float()
@@ -90,7 +94,7 @@ def demo(demo_model_dir: Path) -> LoadedModel:
 def test_ablate_on_the_demo_model(demo: LoadedModel, demo_model_dir: Path) -> None:
     prompts, targets = copy_task_examples(24, seed=5)
     mask = torch.ones(demo.adapter.num_layers, demo.adapter.num_heads)
-    mask[1] = 0.0
+    mask[-1] = 0.0  # the layer of the induction heads
     reports: list[Progress] = []
     result = ablate(demo, prompts, targets, mask, batch_size=10, progress=reports.append)
     assert [(r.stage, r.step, r.total) for r in reports] == [("ablate", i, 3) for i in (1, 2, 3)]
@@ -100,7 +104,7 @@ def test_ablate_on_the_demo_model(demo: LoadedModel, demo_model_dir: Path) -> No
     torch.testing.assert_close(result.tensors["nll.masked"], masked_nll, rtol=1e-4, atol=1e-4)
     assert result.tensors["accuracy.baseline"].tolist() == base_acc.tolist()
     assert result.tensors["accuracy.masked"].tolist() == masked_acc.tolist()
-    assert result.summary["baseline_accuracy"] > 0.9
+    assert result.summary["baseline_accuracy"] > 0.75
     assert result.summary["delta_nll"] > 1.0
     torch.testing.assert_close(result.tensors["head_mask"], mask)
     assert json.loads(json.dumps(result.summary)) == result.summary
@@ -108,19 +112,21 @@ def test_ablate_on_the_demo_model(demo: LoadedModel, demo_model_dir: Path) -> No
 
 def test_all_heads_on_changes_nothing(demo: LoadedModel) -> None:
     prompts, targets = copy_task_examples(8, seed=6)
-    result = ablate(demo, prompts, targets, torch.ones(2, 4), batch_size=3)
+    result = ablate(demo, prompts, targets, torch.ones(*SHAPE), batch_size=3)
     summary = result.summary
-    assert summary["delta_nll"] == 0.0 and summary["delta_accuracy"] == 0.0
+    # Both conditions run as rows of one batch; kernels may round rows differently.
+    assert summary["delta_nll"] == pytest.approx(0.0, abs=1e-5)
+    assert summary["delta_accuracy"] == 0.0
 
 
 @pytest.mark.parametrize(
     ("mask", "kwargs", "field"),
     [
-        (torch.ones(3, 4), {}, "head_mask"),
-        (torch.full((2, 4), 1.5), {}, "head_mask"),
-        (torch.full((2, 4), float("nan")), {}, "head_mask"),
-        (torch.ones(2, 4), {"batch_size": 0}, "batch_size"),
-        (torch.ones(2, 4), {"max_length": 1}, "max_length"),
+        (torch.ones(SHAPE[0], SHAPE[1] - 1), {}, "head_mask"),
+        (torch.full(SHAPE, 1.5), {}, "head_mask"),
+        (torch.full(SHAPE, float("nan")), {}, "head_mask"),
+        (torch.ones(*SHAPE), {"batch_size": 0}, "batch_size"),
+        (torch.ones(*SHAPE), {"max_length": 1}, "max_length"),
     ],
 )
 def test_invalid_ablations(demo: LoadedModel, mask: torch.Tensor, kwargs: dict, field: str) -> None:
@@ -128,5 +134,5 @@ def test_invalid_ablations(demo: LoadedModel, mask: torch.Tensor, kwargs: dict, 
         ablate(demo, ["red cat | red"], [" cat"], mask, **kwargs)
     assert err.value.field == field
     with pytest.raises(InvalidParameter) as err:
-        ablate(demo, ["red cat | red", "x"], [" cat"], torch.ones(2, 4))
+        ablate(demo, ["red cat | red", "x"], [" cat"], torch.ones(*SHAPE))
     assert err.value.field == "targets"

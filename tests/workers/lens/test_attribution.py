@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workers.lens.attribution import attribute, map_tokens, sentence_spans
-from workers.lens.demo import WORDS, ensure_demo_model
+from workers.lens.demo import MAX_COPY_LENGTH, WORDS, ensure_demo_model
 from workers.lens.errors import ContextTooLong, InvalidParameter
 from workers.lens.loading import LoadedModel, load_model
 from workers.lens.testing import build_tiny_model
@@ -40,13 +40,17 @@ def demo() -> LoadedModel:
     return load_model(str(ensure_demo_model()), device="cpu", dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def mask(lm: LoadedModel) -> torch.Tensor:
+def _random_gates(lm: LoadedModel) -> torch.Tensor:
     gen = torch.Generator().manual_seed(3)
     gates = torch.rand(lm.adapter.num_layers, lm.adapter.num_heads, generator=gen)
     gates[0, 1] = 0.0
     gates[1, 2] = 1.0
     return gates
+
+
+@pytest.fixture(scope="module")
+def mask(lm: LoadedModel) -> torch.Tensor:
+    return _random_gates(lm)
 
 
 def _walked_offsets(lm: LoadedModel, text: str, ids: list[int]) -> list[tuple[int, int]]:
@@ -127,12 +131,15 @@ CASES = {
 @pytest.mark.parametrize("how", ["mean", "sum", "max"])
 @pytest.mark.parametrize("model", ["tiny", "demo"])
 def test_matches_hand_written_reference(
-    request: pytest.FixtureRequest, mask: torch.Tensor, model: str, how: str
+    request: pytest.FixtureRequest, model: str, how: str
 ) -> None:
     lm = request.getfixturevalue("lm" if model == "tiny" else "demo")
     document, sentences, summary = CASES[model]
-    assert list(mask.shape) == [lm.adapter.num_layers, lm.adapter.num_heads]
-    result = attribute(lm, document, sentences, summary, mask, aggregate=how)
+    mask = _random_gates(lm)
+    result = attribute(
+        lm, document, sentences, summary, mask,
+        aggregate=how, target_join="raw", normalize="none", loss="sum",
+    )  # fmt: skip
     scores, norms, owners = _reference(lm, document, sentences, summary, mask, how)
     got = result.summary["scores"]
     assert len(got) == len(sentences) and all(math.isfinite(s) for s in got)
@@ -147,33 +154,71 @@ def test_matches_hand_written_reference(
 
 
 def _copy_cases(n: int) -> list[tuple[str, str]]:
-    """(copied, other) word runs: distinct demo words, as the demo model was trained on."""
+    """(copied, other) word runs: distinct demo words, as many as the demo model copied in
+    training."""
     rng = random.Random(0)
     cases = []
     for _ in range(n):
-        words = rng.sample(WORDS, 10)
-        cut = rng.randint(3, 5)
+        words = rng.sample(WORDS, MAX_COPY_LENGTH)
+        cut = rng.randint(3, 4)
         cases.append((" ".join(words[:cut]), " ".join(words[cut:])))
     return cases
 
 
-def test_the_copied_sentence_scores_highest_through_the_copy_circuit(demo: LoadedModel) -> None:
+def test_the_copied_sentence_scores_higher_and_a_broken_circuit_shows(
+    demo: LoadedModel,
+) -> None:
     """The summary copies the first sentence after "|"; the other sentence is never copied.
 
-    The demo model copies from the start of the sequence, so the copied sentence
-    always comes first; gating off layer 1 (where the demo's induction heads
-    live) shows the margin comes from the copying circuit, not from position.
+    Through all heads the copied sentence scores higher on average, and the summary's NLL
+    through the circuit is the model's. Gating off the last layer (where the demo's
+    induction heads live) breaks the copy: the summary NLL through that circuit says so.
     """
     full = torch.ones(demo.adapter.num_layers, demo.adapter.num_heads)
     no_copy = full.clone()
-    no_copy[1] = 0.0
+    no_copy[-1] = 0.0
+    ratios = []
     for copied, other in _copy_cases(4):
         args = (demo, f"{copied} {other}", [copied, other], f"| {copied}")
-        with_circuit = attribute(*args, full).summary["scores"]
-        without = attribute(*args, no_copy).summary["scores"]
-        margin = with_circuit[0] / with_circuit[1]
-        assert margin > 1.5, (copied, other, with_circuit)
-        assert margin > 2 * without[0] / without[1], (copied, other, with_circuit, without)
+        with_circuit = attribute(*args, full).summary
+        without = attribute(*args, no_copy).summary
+        ratios.append(with_circuit["scores"][0] / with_circuit["scores"][1])
+        nll, broken = with_circuit["summary_nll"], without["summary_nll"]
+        assert nll["circuit"] == pytest.approx(nll["all_heads"], rel=1e-4)
+        assert broken["all_heads"] == pytest.approx(nll["all_heads"], rel=1e-4)
+        assert broken["circuit"] > broken["all_heads"] + 1.0
+    assert sum(ratios) / len(ratios) > 1.0, ratios
+
+
+def test_defaults_are_the_seeds(lm: LoadedModel, mask: torch.Tensor) -> None:
+    """Mean loss, scores over their maximum, and the summary tokenised apart with a space."""
+    raw = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, mask, normalize="none", loss="sum")
+    default = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, mask)
+    n = default.summary["summary_tokens"]
+    torch.testing.assert_close(
+        default.tensors["token_grad_norms"], raw.tensors["token_grad_norms"] / n
+    )
+    scores = torch.tensor(raw.summary["scores"])
+    assert default.summary["scores"] == pytest.approx((scores / scores.max()).tolist(), rel=1e-5)
+    assert max(default.summary["scores"]) == pytest.approx(1.0)
+    document = lm.tokenizer(DOCUMENT)["input_ids"]
+    summary = lm.tokenizer(" " + SUMMARY, add_special_tokens=False)["input_ids"]
+    assert default.tensors["input_ids"].tolist() == document + summary
+    assert default.summary["document_tokens"] == len(document) and n == len(summary)
+    assert (default.summary["target_join"], default.summary["normalize"]) == ("space", "max")
+    assert default.summary["loss"] == "mean"
+
+
+def test_summary_nll_with_all_heads_and_through_the_circuit(
+    lm: LoadedModel, mask: torch.Tensor
+) -> None:
+    gated = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, mask).summary
+    full = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, torch.ones_like(mask)).summary
+    n = gated["summary_tokens"]
+    assert gated["summary_nll"]["circuit"] == pytest.approx(-gated["summary_log_likelihood"] / n)
+    assert gated["summary_nll"]["all_heads"] == pytest.approx(full["summary_nll"]["circuit"])
+    assert full["summary_nll"]["all_heads"] == pytest.approx(full["summary_nll"]["circuit"])
+    assert gated["summary_nll"]["circuit"] != pytest.approx(gated["summary_nll"]["all_heads"])
 
 
 def test_repeated_sentences_map_to_successive_occurrences(
@@ -218,9 +263,8 @@ def test_checkpointing_recomputes_and_gives_the_same_scores(
         ckpt = attribute(lm, DOCUMENT, SENTENCES, SUMMARY, mask, checkpoint_above=1)
     finally:
         handle.remove()
-    assert (
-        n_plain == 1 and len(calls) - n_plain == 2
-    )  # forward, then recomputed in the backward pass
+    # The gradient pass and the all-heads pass; then the first is recomputed in the backward.
+    assert n_plain == 2 and len(calls) - n_plain == 3
     assert not plain.summary["checkpointed"] and ckpt.summary["checkpointed"]
     torch.testing.assert_close(
         ckpt.tensors["token_grad_norms"], plain.tensors["token_grad_norms"], rtol=1e-5, atol=1e-6
@@ -285,6 +329,9 @@ def test_bad_mask_names_the_field(lm: LoadedModel, bad: torch.Tensor) -> None:
 def test_other_bad_input(lm: LoadedModel, mask: torch.Tensor) -> None:
     for kwargs, field in [
         ({"aggregate": "median"}, "aggregate"),
+        ({"normalize": "sum"}, "normalize"),
+        ({"loss": "max"}, "loss"),
+        ({"target_join": "glue"}, "target_join"),
         ({"summary": " "}, "summary"),
         ({"document": ""}, "document"),
     ]:

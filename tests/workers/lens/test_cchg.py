@@ -183,6 +183,15 @@ def test_contrastive_gates_forget_cue_b_and_keep_cue_a(cued: LoadedModel) -> Non
     assert summary["gated_mean"]["forget_accuracy"] == pytest.approx(
         sum(g["forget_accuracy"] for g in summary["gated"]) / 3
     )
+    # The authors' evaluation: the fitted gates as they are, per-token accuracy.
+    for continuous, mask in zip(summary["continuous"], masks, strict=True):
+        assert continuous["forget_token_accuracy"] < 0.4
+        assert continuous["retain_token_accuracy"] > everything["retain_token_accuracy"] - 0.05
+        forget = ablate(cued, held_out.forget_prompts, held_out.forget_targets, mask).summary
+        assert continuous["forget_logprob"] == pytest.approx(-forget["masked_nll"], rel=1e-4)
+    assert summary["continuous_mean"]["forget_token_accuracy"] == pytest.approx(
+        sum(c["forget_token_accuracy"] for c in summary["continuous"]) / 3
+    )
 
 
 def test_without_eval_pairs_the_training_pairs_are_evaluated(cued: LoadedModel) -> None:

@@ -16,6 +16,7 @@ from workers.lens.adapters import adapt
 from workers.lens.chg import fit_chg
 from workers.lens.demo import copy_task_examples
 from workers.lens.errors import Cancelled, InvalidParameter
+from workers.lens.gated_forward import gated_logits
 from workers.lens.loading import LoadedModel, load_model
 from workers.lens.results import Progress
 from workers.lens.taxonomy import HeadRole, heads_to_keep
@@ -247,3 +248,69 @@ def test_facilitating_heads_carry_the_copy_task(demo: LoadedModel) -> None:
         own = ablate(demo, *held_out, (g >= 0.5).float()).summary
         assert own["masked_nll"] < own["baseline_nll"] + 0.5
         assert own["masked_accuracy"] > own["baseline_accuracy"] - 0.1
+
+
+def test_bf16_weights_fit_like_fp32(demo_model_dir: Path) -> None:
+    """Target log-probs come from an fp32 LM head, so a bf16 model's fit ends where the
+    fp32 one does (in bf16 a logit near 20 is a multiple of 0.125)."""
+    prompts, targets = copy_task_examples(32, seed=21)
+    final = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model(str(demo_model_dir), dtype=dtype)
+        assert lm.dtype == getattr(torch, dtype)
+        # Full batches: the final NLL is the data's, not one mini-batch's.
+        result = fit_chg(
+            lm, prompts, targets, num_masks=2, num_updates=30, num_reg_updates=30,
+            batch_size=32, seed=0,
+        )  # fmt: skip
+        final[dtype] = result.summary["final_nll"]
+    for stage in ("none", "positive", "negative"):
+        assert abs(final["bfloat16"][stage] - final["float32"][stage]) < 0.02, final
+
+
+def test_the_result_holds_roles_per_mask_and_their_consensus(tiny: LoadedModel) -> None:
+    result = fit_chg(tiny, PROMPTS, TARGETS, num_masks=3, num_updates=3, seed=2)
+    t, s = result.tensors, result.summary
+    layers, heads = tiny.adapter.num_layers, tiny.adapter.num_heads
+    assert t["mask_roles"].shape == (3, layers, heads) and t["mask_roles"].dtype == torch.int8
+    assert t["gate_signal"].shape == (3, layers, heads) and bool((t["gate_signal"] >= 0).all())
+    assert t["taxonomy_agreement"].shape == (layers, heads)
+    shares = (t["mask_roles"] == t["taxonomy"][None]).float().mean(dim=0)
+    torch.testing.assert_close(t["taxonomy_agreement"], shares)
+    assert s["consensus"] == 0.5 and s["role_codes"]["undetermined"] == 4
+    assert s["taxonomy_agreement"] == [[round(float(a), 4) for a in row] for row in shares]
+    with pytest.raises(InvalidParameter) as err:
+        fit_chg(tiny, PROMPTS, TARGETS, num_updates=1, consensus=0.3)
+    assert err.value.field == "consensus"
+
+
+def test_word_targets_with_or_without_their_space_fit_the_same_circuit(demo: LoadedModel) -> None:
+    """Targets as the seed's users write them ("dog") and as continuations (" dog")."""
+    prompts, targets = copy_task_examples(16, seed=4)
+    fits = [
+        fit_chg(
+            demo,
+            prompts,
+            [" " + t if spaced else t for t in targets],
+            num_masks=1,
+            num_updates=3,
+            num_reg_updates=3,
+            batch_size=8,
+            seed=0,
+        )
+        for spaced in (False, True)
+    ]
+    assert not targets[0].startswith(" ")
+    for name in ("masks.positive", "masks.negative", "taxonomy"):
+        assert torch.equal(fits[0].tensors[name], fits[1].tensors[name])
+
+
+def test_the_lm_head_computes_in_fp32_for_a_bf16_model(tiny_path: str) -> None:
+    lm = load_model(tiny_path, dtype="bfloat16")
+    ids = lm.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    gates = torch.ones(1, lm.adapter.num_layers, lm.adapter.num_heads)
+    with torch.no_grad():
+        logits = gated_logits(lm, ids, gates, ids.shape[1], torch.arange(ids.shape[1])[None])
+    assert logits.dtype == torch.float32
+    assert not torch.equal(logits, logits.bfloat16().float())  # not bf16 values upcast
+    assert "forward" not in lm.adapter.lm_head.__dict__  # the model is left as it was

@@ -41,10 +41,10 @@ def _target_text(tok: PreTrainedTokenizerFast, ids: torch.Tensor, labels: torch.
     return tok.decode(ids[labels != IGNORE])
 
 
-def test_targets_are_the_tokens_of_the_continuation(bpe: PreTrainedTokenizerFast) -> None:
+def test_raw_targets_are_the_tokens_of_the_continuation(bpe: PreTrainedTokenizerFast) -> None:
     prompts = ["The capital of France is", "a b a. c d", "One two"]
     targets = [" Paris", " c.", " three four five"]
-    batch = encode_prompt_targets(bpe, prompts, targets, CPU)
+    batch = encode_prompt_targets(bpe, prompts, targets, CPU, target_join="raw")
     for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
         joint = bpe(prompt + target)["input_ids"]
         n = batch.lengths[row]
@@ -63,7 +63,9 @@ def test_a_token_straddling_the_boundary_belongs_to_the_target(
 ) -> None:
     # "Par" + "is" are one token in this vocabulary's merge of " Paris"; cutting inside it
     # leaves a token holding prompt and target characters, which must be supervised.
-    batch = encode_prompt_targets(bpe, ["The capital of France is Pa"], ["ris"], CPU)
+    batch = encode_prompt_targets(
+        bpe, ["The capital of France is Pa"], ["ris"], CPU, target_join="raw"
+    )
     target_ids = batch.input_ids[0][batch.labels[0] != IGNORE]
     assert "ris" in bpe.decode(target_ids)
     assert batch.target_starts[0] >= 1
@@ -72,7 +74,7 @@ def test_a_token_straddling_the_boundary_belongs_to_the_target(
 def test_tokenizers_without_offsets_encode_prompt_and_target_apart() -> None:
     slow = ByT5Tokenizer()  # pure Python, bytes as tokens, appends </s>
     assert not slow.is_fast
-    batch = encode_prompt_targets(slow, ["red cat", "ab"], [" dog", "c"], CPU)
+    batch = encode_prompt_targets(slow, ["red cat", "ab"], [" dog", "c"], CPU, target_join="raw")
     prompt, target = list(b"red cat"), list(b" dog")
     ids = [b + 3 for b in prompt + target]
     assert batch.input_ids[0].tolist() == ids
@@ -80,10 +82,23 @@ def test_tokenizers_without_offsets_encode_prompt_and_target_apart() -> None:
     assert batch.lengths == (11, 3) and batch.target_starts == (7, 2)
 
 
-def test_word_targets_need_their_leading_space(words: PreTrainedTokenizerFast) -> None:
-    batch = encode_prompt_targets(words, ["red cat | red"], [" cat"], CPU)
-    assert _target_text(words, batch.input_ids[0], batch.labels[0]) == "cat"
-    assert batch.lengths[0] == 6
+def test_slow_tokenizers_take_the_space_join(words: PreTrainedTokenizerFast) -> None:
+    slow = ByT5Tokenizer()
+    batch = encode_prompt_targets(slow, ["ab "], ["c"], CPU)
+    assert batch.input_ids[0].tolist() == [b + 3 for b in b"ab c"]
+    assert batch.target_starts == (2,)
+
+
+def test_word_targets_need_their_leading_space_only_when_raw(
+    words: PreTrainedTokenizerFast,
+) -> None:
+    for target, join in ((" cat", "raw"), ("cat", "space"), (" cat", "space")):
+        batch = encode_prompt_targets(words, ["red cat | red"], [target], CPU, target_join=join)
+        assert _target_text(words, batch.input_ids[0], batch.labels[0]) == "cat"
+        assert batch.lengths[0] == 6
+    with pytest.raises(InvalidParameter) as err:
+        encode_prompt_targets(words, ["red"], ["cat"], CPU, target_join="glue")
+    assert err.value.field == "target_join"
 
 
 def test_truncation_drops_prompt_tokens_from_the_left_and_keeps_bos(
@@ -122,20 +137,32 @@ def test_invalid_pairs_name_the_field(words: PreTrainedTokenizerFast) -> None:
         encode_prompt_targets(words, ["red cat blue dog"], [" cat"], CPU, max_context=4)
 
 
-def test_pattern_prompts_follow_their_rule(words: PreTrainedTokenizerFast) -> None:
-    for pattern, third in (("aba", 0), ("abb", 1)):
+def test_pattern_rows_are_formatted_as_the_authors_rows(words: PreTrainedTokenizerFast) -> None:
+    for pattern in ("aba", "abb", "mixed"):
         prompts, targets = generate_pattern(words, pattern, 8, seed=1)
         assert (prompts, targets) == generate_pattern(words, pattern, 8, seed=1)
+        rules = set()
         for prompt, target in zip(prompts, targets, strict=True):
             lines = prompt.split("\n")
             assert len(lines) == 5
+            thirds = set()
             for line in lines[:4]:
-                a, b, c = line.split(" ")
-                assert a != b and c == (a, b)[third]
-            a, b = lines[4].split(" ")
-            assert target == " " + (a, b)[third]
+                assert line.startswith(" ")
+                a, b, c = line[1:].split(" ")
+                assert a.endswith("^") and b.endswith("^") and a != b
+                thirds.add((a[:-1], b[:-1]).index(c))
+            assert len(thirds) == 1  # one rule per row
+            a, b = lines[4][1:].split(" ")
+            assert target == " " + (a[:-1], b[:-1])[thirds.pop()] and b.endswith("^")
+            rules.add(prompt.split("\n")[0].split(" ")[3] == prompt.split(" ")[1][:-1])
+        assert rules == ({True, False} if pattern == "mixed" else {pattern == "aba"})
         batch = encode_prompt_targets(words, prompts, targets, CPU)
+        # Only the final token is scored: the target is one token, the row's last.
         assert all(n - s == 1 for n, s in zip(batch.lengths, batch.target_starts, strict=True))
+        assert words.unk_token_id not in batch.input_ids.tolist()
+    mixed = generate_pattern(words, "mixed", 64, seed=3)[0]
+    aba = sum(p.split("\n")[0].split(" ")[3] == p.split(" ")[1][:-1] for p in mixed)
+    assert aba == 32
     assert generate_pattern(words, "aba", 8, seed=1) != generate_pattern(words, "aba", 8, seed=2)
 
 

@@ -16,14 +16,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from workers.lens import demo
+from workers.lens.data import encode_prompt_targets
 from workers.lens.errors import Cancelled, InvalidParameter
 from workers.lens.results import Progress
 
+COPY_ACCURACY = 0.8
+"""Of the next word on clean held-out copies: the training copies skip a word now and then
+(``demo.SKIP``), so the model gives the word after next some probability too."""
+
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One full build (default steps) through the public entry point, into a fresh cache."""
-    return demo.ensure_demo_model(tmp_path_factory.mktemp("demo-cache"))
+def built(demo_model_dir: Path) -> Path:
+    """The session's full build (default steps), through the public entry point."""
+    return demo_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +76,17 @@ def test_tokenizer_decodes_back_to_the_text() -> None:
         assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
 
-def test_targets_are_one_token_continuations() -> None:
+def test_targets_are_words_of_one_token() -> None:
     tokenizer = demo.build_tokenizer()
     prompts, targets = demo.copy_task_examples(20, seed=3, length=8)
-    for prompt, target in zip(prompts, targets, strict=True):
-        assert target.startswith(" ") and target.strip() in demo.WORDS
-        joint = tokenizer(prompt + target)["input_ids"]
-        assert joint == tokenizer(prompt)["input_ids"] + [
-            tokenizer.convert_tokens_to_ids(target[1:])
+    batch = encode_prompt_targets(tokenizer, prompts, targets, torch.device("cpu"))
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        assert target in demo.WORDS
+        n = batch.lengths[row]
+        assert batch.input_ids[row, :n].tolist() == tokenizer(prompt)["input_ids"] + [
+            tokenizer.convert_tokens_to_ids(target)
         ]
+        assert batch.target_starts[row] == n - 1
 
 
 def test_copy_examples_cut_a_copy_short() -> None:
@@ -90,7 +97,7 @@ def test_copy_examples_cut_a_copy_short() -> None:
         source, copy = prompt.split(f" {demo.SEPARATOR} ")
         words, copied = source.split(), copy.split()
         assert len(words) == len(set(words)) == 5 and 1 <= len(copied) < 5
-        assert copied == words[: len(copied)] and target == " " + words[len(copied)]
+        assert copied == words[: len(copied)] and target == words[len(copied)]
 
 
 @pytest.mark.parametrize(("n", "length"), [(0, 6), (3, 2), (3, demo.MAX_COPY_LENGTH + 1)])
@@ -106,35 +113,48 @@ def test_full_build_is_saved_as_safetensors_with_its_description(built: Path) ->
     info = json.loads((built / "demo.json").read_text())
     assert info["version"] == demo.VERSION and info["words"] == list(demo.WORDS)
     assert info["separator"] == demo.SEPARATOR and info["steps"] == demo.DEFAULT_STEPS
-    assert info["copy_accuracy"] > 0.95
+    assert info["copy_accuracy"] > COPY_ACCURACY
+    assert set(info["accuracy"]) == set(demo.EVAL_TASKS)
 
 
-@pytest.mark.parametrize("length", [3, 6, 12])
-def test_loaded_model_copies_held_out_sequences(loaded, length: int) -> None:
+@pytest.mark.parametrize(
+    ("length", "accuracy"), [(3, COPY_ACCURACY), (5, COPY_ACCURACY), (8, 0.55)]
+)
+def test_loaded_model_copies_held_out_sequences(loaded, length: int, accuracy: float) -> None:
+    """Longer copies give more chances to have learned a skip."""
     model, tokenizer = loaded
     prompts, targets = demo.copy_task_examples(200, seed=100 + length, length=length)
-    assert next_word_accuracy(model, tokenizer, prompts, targets) > 0.95
+    assert next_word_accuracy(model, tokenizer, prompts, targets) > accuracy
 
 
-def test_loaded_model_predicts_every_copied_word(loaded) -> None:
-    """Teacher-forced over the whole copied half, as the build's own figure is measured."""
+def test_every_copied_word_is_predicted_from_the_copy(loaded) -> None:
+    """Teacher-forced over each demo text's copied half, as the build's own figure is
+    measured: each prediction is the next word, or (the copies the model learned from
+    skip a word now and then) the word after it."""
     model, tokenizer = loaded
-    text = demo.DEMO_TEXTS[1]
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        predicted = model(input_ids=ids).logits[0].argmax(dim=-1)
-    sep = ids[0].tolist().index(tokenizer.convert_tokens_to_ids(demo.SEPARATOR))
-    assert predicted[sep:-1].tolist() == ids[0, sep + 1 :].tolist()
+    for text in demo.DEMO_TEXTS:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+        with torch.no_grad():
+            predicted = model(input_ids=ids[None]).logits[0].argmax(dim=-1).tolist()
+        sep = ids.tolist().index(tokenizer.convert_tokens_to_ids(demo.SEPARATOR))
+        source = ids[1:sep].tolist()
+        for position in range(sep + 1, len(ids) - 1):
+            k = source.index(int(ids[position]))
+            assert predicted[position] in source[k + 1 : k + 3], (text, position)
 
 
 def test_attention_does_the_copying(loaded) -> None:
+    """Without the first layer's attention (previous-token heads) or the last one's
+    (induction heads) the model cannot copy; the middle layer helps."""
     model, tokenizer = loaded
-    prompts, targets = demo.copy_task_examples(200, seed=9, length=8)
+    prompts, targets = demo.copy_task_examples(200, seed=9, length=5)
     layers = model.model.layers
-    assert next_word_accuracy(model, tokenizer, prompts, targets) > 0.95
-    for layer in layers:
+    accuracy = next_word_accuracy(model, tokenizer, prompts, targets)
+    assert accuracy > COPY_ACCURACY
+    for index, layer in enumerate(layers):
         with zeroed([layer.self_attn.o_proj]):
-            assert next_word_accuracy(model, tokenizer, prompts, targets) < 0.2
+            without = next_word_accuracy(model, tokenizer, prompts, targets)
+        assert without < (0.2 if index in (0, len(layers) - 1) else accuracy - 0.2)
 
 
 def test_build_is_deterministic_and_reports_progress(tmp_path: Path) -> None:

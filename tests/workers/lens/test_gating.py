@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from workers.lens.errors import InvalidParameter
+from workers.lens.gate_fit import GateUpdates, clamped_logit_mean
 from workers.lens.gating import head_gates
 from workers.lens.loading import LoadedModel, load_model
 from workers.lens.testing import build_tiny_model
@@ -148,3 +149,16 @@ def test_wrong_shapes_name_the_head_mask(lm: LoadedModel, bad: tuple[int, ...]) 
 def test_a_gate_set_per_row_needs_one_row_each(lm: LoadedModel) -> None:
     with pytest.raises(InvalidParameter), head_gates(lm.adapter, torch.ones(2, *shape(lm))):
         logits(lm)
+
+
+def test_gate_gradients_do_not_underflow_when_the_model_computes_in_fp16() -> None:
+    """An fp32 loss on fp16 activations, as in a fit: the gradient reaching the fp16 gates is
+    1e-9, below fp16's smallest subnormal (6e-8), so unscaled it is 0."""
+    small = torch.tensor(1e-3, dtype=torch.float16)
+    for dtype, expected in ((torch.float32, 0.0), (torch.float16, 1e-9)):
+        fit = GateUpdates(torch.zeros(1, 1, 2), lr=0.1, lr_end=None, total=1, compute_dtype=dtype)
+        gates = fit.gates()
+        fit.backward((gates.half() * small * small).float().sum() * 1e-3)
+        grad = fit.step(0, 0 * clamped_logit_mean(fit.logits).sum())
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, torch.full_like(grad, expected), rtol=0.05, atol=0.0)

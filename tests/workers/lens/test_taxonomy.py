@@ -11,31 +11,64 @@ from workers.lens.taxonomy import (
     consensus_roles,
     heads_to_keep,
     mask_role_counts,
+    mask_roles,
     role_scores,
 )
 
-# One layer, four heads, two masks whose means land in each quadrant (threshold 0.5):
-#   head 0: G+ high, G- high -> facilitating     head 1: G+ high, G- low -> irrelevant
-#   head 2: G+ low,  G- low  -> interfering      head 3: G+ low,  G- high -> inconsistent
+F, IRR, INT, INC, UND = (
+    HeadRole.FACILITATING,
+    HeadRole.IRRELEVANT,
+    HeadRole.INTERFERING,
+    HeadRole.INCONSISTENT,
+    HeadRole.UNDETERMINED,
+)
+# One layer, four heads, two masks (threshold 0.5):
+#   head 0: facilitating in both     head 1: irrelevant in one, no role in the other
+#   head 2: interfering in both      head 3: G+ low and G- high in both: inconsistent
 G_PLUS = torch.tensor([[[0.9, 1.0, 0.1, 0.2]], [[0.7, 0.6, 0.3, 0.0]]])
 G_MINUS = torch.tensor([[[0.8, 0.1, 0.0, 0.9]], [[1.0, 0.3, 0.2, 0.7]]])
 
 
-def test_consensus_roles_cover_the_four_quadrants() -> None:
-    roles = consensus_roles(G_PLUS, G_MINUS, 0.5)
+def test_each_mask_gives_each_head_one_role() -> None:
+    roles = mask_roles(G_PLUS, G_MINUS, 0.5)
     assert roles.dtype == torch.int8
-    assert roles.tolist() == [
-        [HeadRole.FACILITATING, HeadRole.IRRELEVANT, HeadRole.INTERFERING, HeadRole.INCONSISTENT]
-    ]
-    assert [int(r) for r in HeadRole] == [0, 1, 2, 3]
-    assert HeadRole(2).label == "interfering"
+    assert roles.tolist() == [[[F, IRR, INT, INC]], [[F, UND, INT, INC]]]
+    assert [int(r) for r in HeadRole] == [0, 1, 2, 3, 4]
+    assert HeadRole(4).label == "undetermined"
 
 
-def test_threshold_is_inclusive_and_uses_the_mask_average() -> None:
-    g_plus = torch.tensor([[[0.5]], [[0.5]]])
-    g_minus = torch.tensor([[[0.0]], [[1.0]]])  # mean 0.5: needed
-    assert consensus_roles(g_plus, g_minus, 0.5).item() == HeadRole.FACILITATING
-    assert consensus_roles(g_plus, g_minus, 0.6).item() == HeadRole.INTERFERING
+def test_consensus_needs_more_than_half_of_the_masks() -> None:
+    taxonomy, agreement = consensus_roles(mask_roles(G_PLUS, G_MINUS, 0.5))
+    assert taxonomy.dtype == torch.int8 and agreement.dtype == torch.float32
+    assert taxonomy.tolist() == [[F, UND, INT, INC]]  # head 1: irrelevant in only half
+    assert agreement.tolist() == [[1.0, 0.5, 1.0, 1.0]]
+    three = torch.tensor([[[F]], [[F]], [[IRR]]], dtype=torch.int8)
+    assert consensus_roles(three)[0].item() == F
+    assert consensus_roles(three)[1].item() == pytest.approx(2 / 3)
+    assert consensus_roles(three, 0.7)[0].item() == UND
+    assert consensus_roles(three, 0.7)[1].item() == 0.0
+
+
+def test_no_score_reaching_the_threshold_is_no_role() -> None:
+    """G+ = 0.6 and G- = 0.4 in every mask: no score reaches 0.5 (irrelevance is 0.36)."""
+    g_plus, g_minus = torch.full((3, 1, 1), 0.6), torch.full((3, 1, 1), 0.4)
+    assert mask_roles(g_plus, g_minus, 0.5).flatten().tolist() == [UND] * 3
+    assert consensus_roles(mask_roles(g_plus, g_minus, 0.5))[0].item() == UND
+    # At 0.3 both facilitation (0.4) and interference (0.4) reach it: the fits contradict.
+    assert mask_roles(g_plus, g_minus, 0.3).flatten().tolist() == [INC] * 3
+
+
+def test_threshold_is_inclusive() -> None:
+    g_plus, g_minus = torch.tensor([[[1.0]]]), torch.tensor([[[0.4]]])
+    assert mask_roles(g_plus, g_minus, 0.4).item() == F  # irrelevance 0.6 too: F wins
+    assert mask_roles(g_plus, g_minus, 0.6).item() == IRR
+
+
+def test_a_role_without_loss_signal_is_undetermined() -> None:
+    signal = torch.tensor([[[0.5, 0.5, 2.0, 0.9]], [[3.0, 0.1, 0.2, 0.0]]])
+    roles = mask_roles(G_PLUS, G_MINUS, 0.5, signal)
+    # Irrelevant needs no signal: it follows the pressure either way.
+    assert roles.tolist() == [[[UND, IRR, INT, UND]], [[F, UND, UND, UND]]]
 
 
 def test_scores_follow_the_paper() -> None:
@@ -56,14 +89,20 @@ def test_per_mask_counts() -> None:
 
 
 def test_keep_rules() -> None:
-    def keep(rule: str) -> list[float]:
-        return heads_to_keep(G_PLUS, G_MINUS, rule, 0.5).tolist()[0]
+    def keep(rule: str, signal: torch.Tensor | None = None) -> list[float]:
+        return heads_to_keep(G_PLUS, G_MINUS, rule, 0.5, signal).tolist()[0]
 
     assert keep("facilitating") == [1, 0, 0, 0]
     assert keep("sufficient") == [1, 0, 0, 1]
     assert keep("non_interfering") == [1, 1, 0, 1]
     assert keep("remove_facilitating") == [0, 1, 1, 1]
+    quiet = torch.zeros(2, 1, 4)  # no head ever had a loss signal: nothing is removed
+    assert keep("facilitating", quiet) == [0, 0, 0, 0]
+    assert keep("non_interfering", quiet) == [1, 1, 1, 1]
     assert heads_to_keep(G_PLUS, G_MINUS, "sufficient", 0.5).dtype == torch.float32
     with pytest.raises(InvalidParameter) as err:
         heads_to_keep(G_PLUS, G_MINUS, "necessary", 0.5)
     assert err.value.field == "keep"
+    with pytest.raises(InvalidParameter) as err:
+        heads_to_keep(G_PLUS, G_MINUS, "facilitating", 0.5, consensus=0.4)
+    assert err.value.field == "consensus"
