@@ -413,6 +413,9 @@ def _chg_tensors(job: ChgJob, shape: ModelShape) -> dict[str, TensorSpec]:
     for score in ("facilitation", "interference", "irrelevance"):
         out[f"scores.{score}"] = TensorSpec("float32", heads)
     out["taxonomy"] = TensorSpec("int8", (shape.layers, shape.heads))
+    out["taxonomy_agreement"] = TensorSpec("float32", (shape.layers, shape.heads))
+    out["mask_roles"] = TensorSpec("int8", heads)
+    out["gate_signal"] = TensorSpec("float32", heads)
     if job.record_history:
         for stage, n in stages.items():
             out[f"history.{stage}"] = TensorSpec("float32", (n, *heads))
