@@ -432,6 +432,23 @@ def method_like(method: F, build: Callable[..., JobSpec], name: str, returns: st
     return method
 
 
+def op_method(method: F, op: Callable[..., Any], returns: str) -> F:
+    """Give a method that runs a shared operation (:mod:`app.client._ops`) the operation's
+    name, docstring and signature, with ``self`` for its first parameter; ``returns``
+    wraps what the operation returns (``{}`` is its value's type)."""
+    signature = inspect.signature(op)
+    first, *rest = signature.parameters.values()
+    value = str(signature.return_annotation).removeprefix("Op[").removesuffix("]")
+    method.__name__ = op.__name__
+    method.__qualname__ = op.__name__
+    method.__doc__ = op.__doc__
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[first.replace(name="self", annotation=first.empty), *rest],
+        return_annotation=returns.format(value),
+    )
+    return method
+
+
 class JobView:
     """What the sync and async jobs share: the latest job document and its fields."""
 
