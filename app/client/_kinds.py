@@ -420,12 +420,14 @@ def attribute(
 
 
 def method_like(method: F, build: Callable[..., JobSpec], name: str, returns: str) -> F:
-    """Give a generated method its name, the builder's docstring and signature (plus ``self``)."""
+    """Give a generated method its name, the builder's docstring and signature (plus
+    ``self``); ``__wrapped__`` names the builder (the kind registry's parity test reads it)."""
     signature = inspect.signature(build)
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     method.__name__ = name
     method.__qualname__ = name
     method.__doc__ = build.__doc__
+    method.__wrapped__ = build  # type: ignore[attr-defined]
     method.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[self_param, *signature.parameters.values()], return_annotation=returns
     )
