@@ -201,7 +201,9 @@ def run_attribute(ctx: JobContext, job: AttributeJob) -> AnalysisResult:
 def resolve_handler(kind: str) -> Handler:
     """The function :mod:`app.kinds` names as the kind's handler."""
     module, name = handler_path(kind)
-    handler: Handler = getattr(importlib.import_module(module), name)
+    handler: Handler | None = getattr(importlib.import_module(module), name, None)
+    if not callable(handler):
+        raise LookupError(f"app.kinds: kind {str(kind)!r} names handler {module}.{name}, not found")
     return handler
 
 

@@ -204,8 +204,8 @@ def test_the_dashboard_draws_every_kind() -> None:
 def test_the_cli_offers_every_kind() -> None:
     choices = cli_kind_choices(cli_jobs.submit)
     assert table_problems("lens submit's kinds", choices) == []
-    assert table_problems("lens submit's kinds", [*choices, "probe"]) == [
-        "lens submit's kinds has 'probe', which app.kinds does not declare"
+    assert table_problems("lens submit's kinds", [*choices, "bogus"]) == [
+        "lens submit's kinds has 'bogus', which app.kinds does not declare"
     ]
     assert cli_file_kind_problems(cli_jobs.DATASET_KINDS, cli_jobs.TEXT_KINDS) == []
     assert len(cli_file_kind_problems(["chg"], cli_jobs.TEXT_KINDS)) == 1
