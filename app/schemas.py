@@ -440,6 +440,8 @@ REQUEST_MODELS: dict[JobKind, type[_JobBase]] = {kind: _request_model(kind) for 
 """Each kind's request model, as :mod:`app.kinds` names it."""
 
 if TYPE_CHECKING:
+    # mypy cannot read a union built at run time: to it a request is any job model, and
+    # code that needs one kind's fields narrows with isinstance.
     JobRequest: TypeAlias = _JobBase
 else:
     # The discriminated union of every kind's model, built from the kind table: what the
