@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -294,3 +296,14 @@ def test_the_sync_and_async_clients_are_twins() -> None:
     assert returns_problems(Lacking, "{}")[0].startswith(
         "kind 'chg': Lacking.fit returns Awaitable[ChgResult]"
     )
+
+
+def test_the_client_reads_the_kind_table_without_pydantic() -> None:
+    """The kind table imports nothing, so the client and its CLI stay free of the server's
+    schemas (and of pydantic)."""
+    code = (
+        "import sys, app.client, app.cli.jobs; "
+        "print(','.join(m for m in ('pydantic', 'app.schemas') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
