@@ -85,13 +85,13 @@ def describe_size(kind: str, params: dict[str, Any]) -> str:
     """``chg: 64 texts of up to 120 characters, …, num_masks=8, batch_size=32, num_masks ×
     batch_size = 256``: what a user needs to shrink a job that did not fit."""
     parts = []
-    for name in TEXT_FIELDS.get(JobKind(kind), ()):
+    for name in TEXT_FIELDS[JobKind(kind)]:
         value = field_value(params, name)
         if value:
             texts = [value] if isinstance(value, str) else value
             longest = max(len(t) for t in texts)
             parts.append(f"{len(texts)} {name} of up to {longest} characters")
-    for name in SIZE_PARAMS.get(JobKind(kind), ()):
+    for name in SIZE_PARAMS[JobKind(kind)]:
         if params.get(name) is not None and (name != "num_samples" or params.get("pattern")):
             parts.append(f"{name}={params[name]}")
     if params.get("num_masks") and params.get("batch_size"):
