@@ -7,11 +7,13 @@ it must stay torch-free.
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
-from typing import Annotated, Any, Literal
+from enum import Enum, StrEnum
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.kinds import KINDS, JobKind
 from workers.lens.sites import SITE_NAMES
 
 
@@ -27,13 +29,19 @@ class JobStatus(StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-class JobKind(StrEnum):
-    SCORE = "score"
-    TRACE = "trace"
-    CHG = "chg"
-    ABLATE = "ablate"
-    CCHG = "cchg"
-    ATTRIBUTE = "attribute"
+class FieldRole(Enum):
+    """What a request field holds, as ``Annotated`` metadata on it: the size limits, token
+    counts and out-of-memory messages find a kind's fields by these, not by a list."""
+
+    TEXT = "text"
+    """Text the job tokenises: bounded by max_texts, max_text_chars and the token limits."""
+    DATASET = "dataset"
+    """The id of an uploaded data set, whose rows the job reads."""
+    SIZE = "size"
+    """A count that sizes the job, named when it does not fit."""
+
+
+TEXT, DATASET, SIZE = FieldRole.TEXT, FieldRole.DATASET, FieldRole.SIZE
 
 
 class KeepRule(StrEnum):
@@ -54,7 +62,10 @@ class TensorDtype(StrEnum):
 Texts = Annotated[
     str | list[str],
     Field(description="One text or a list of texts; batches are right-padded."),
+    TEXT,
 ]
+TextList = Annotated[list[str] | None, TEXT]
+DatasetId = Annotated[str | None, DATASET]
 HeadMask = Annotated[
     list[list[float]],
     Field(description="Gate per head, [layers][heads], each in [0, 1]."),
@@ -95,6 +106,7 @@ class _JobBase(BaseModel):
     # learning rate or temperature passes a "> 0" bound
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    kind: str
     model: str = Field(description="Name of a served model (see GET /v1/models).")
 
     def text_list(self) -> list[str]:
@@ -130,7 +142,7 @@ class GradientTarget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    target: str | None = Field(
+    target: Annotated[str | None, TEXT] = Field(
         None, description="Continuation text whose log-probability is differentiated."
     )
     target_ids: list[int] | None = Field(None, description="Or the continuation's token ids.")
@@ -196,11 +208,11 @@ class TraceJob(_JobBase):
 class _PromptTargets(_JobBase):
     """Prompt/target data given inline, as a generated pattern, or as an uploaded data set."""
 
-    texts: list[str] | None = Field(None, description="Prompts.")
-    targets: list[str] | None = Field(
+    texts: TextList = Field(None, description="Prompts.")
+    targets: TextList = Field(
         None, description="Targets, one per prompt, joined to it as target_join says."
     )
-    dataset: str | None = Field(None, description="Id of an uploaded data set (POST /v1/datasets).")
+    dataset: DatasetId = Field(None, description="Id of an uploaded data set (POST /v1/datasets).")
     max_length: int | None = Field(
         None, ge=2, description="Truncate prompt + target to this many tokens."
     )
@@ -240,11 +252,19 @@ class ChgJob(_PromptTargets):
             "mixes both rules."
         ),
     )
-    num_samples: int = Field(64, ge=1, description="Samples generated for a pattern.")
-    num_masks: int = Field(10, ge=1, description="Independent gate sets fitted at once.")
-    num_updates: int = Field(500, ge=1, description="Updates of the λ = 0 fit (stage none).")
-    num_reg_updates: int = Field(500, ge=0, description="Updates of each regularised fit.")
-    batch_size: int = Field(32, ge=1, description="Prompts per update.")
+    num_samples: Annotated[int, SIZE] = Field(
+        64, ge=1, description="Samples generated for a pattern."
+    )
+    num_masks: Annotated[int, SIZE] = Field(
+        10, ge=1, description="Independent gate sets fitted at once."
+    )
+    num_updates: Annotated[int, SIZE] = Field(
+        500, ge=1, description="Updates of the λ = 0 fit (stage none)."
+    )
+    num_reg_updates: Annotated[int, SIZE] = Field(
+        500, ge=0, description="Updates of each regularised fit."
+    )
+    batch_size: Annotated[int, SIZE] = Field(32, ge=1, description="Prompts per update.")
     l1_weight: float = Field(0.1, ge=0, description="λ magnitude of the regularised fits.")
     lr: float = Field(1.0, gt=0, description="Adam learning rate.")
     lr_end: float | None = Field(None, gt=0, description="Decay the rate linearly to this.")
@@ -291,21 +311,21 @@ def _check_mask_source(
 
 class CchgJob(_JobBase):
     kind: Literal["cchg"] = "cchg"
-    retain_texts: list[str] | None = None
-    retain_targets: list[str] | None = None
-    forget_texts: list[str] | None = None
-    forget_targets: list[str] | None = None
-    retain_dataset: str | None = None
-    forget_dataset: str | None = None
-    eval_retain_texts: list[str] | None = None
-    eval_retain_targets: list[str] | None = None
-    eval_forget_texts: list[str] | None = None
-    eval_forget_targets: list[str] | None = None
+    retain_texts: TextList = None
+    retain_targets: TextList = None
+    forget_texts: TextList = None
+    forget_targets: TextList = None
+    retain_dataset: DatasetId = None
+    forget_dataset: DatasetId = None
+    eval_retain_texts: TextList = None
+    eval_retain_targets: TextList = None
+    eval_forget_texts: TextList = None
+    eval_forget_targets: TextList = None
     max_length: int | None = Field(None, ge=2)
     target_join: TargetJoin = "space"
-    num_masks: int = Field(1, ge=1)
-    num_updates: int = Field(500, ge=1)
-    batch_size: int = Field(64, ge=1)
+    num_masks: Annotated[int, SIZE] = Field(1, ge=1)
+    num_updates: Annotated[int, SIZE] = Field(500, ge=1)
+    batch_size: Annotated[int, SIZE] = Field(64, ge=1)
     lr: float = Field(0.1, gt=0)
     lr_end: float = Field(0.01, gt=0)
     l1_weight: float = Field(0.1, ge=0)
@@ -365,9 +385,11 @@ def _check_quad(
 
 class AttributeJob(_JobBase):
     kind: Literal["attribute"] = "attribute"
-    document: str = Field(min_length=1, description="The source document.")
-    sentences: list[str] = Field(min_length=1, description="Sentences of the document, in order.")
-    summary: str = Field(
+    document: Annotated[str, TEXT] = Field(min_length=1, description="The source document.")
+    sentences: Annotated[list[str], TEXT] = Field(
+        min_length=1, description="Sentences of the document, in order."
+    )
+    summary: Annotated[str, TEXT] = Field(
         min_length=1, description="Target text whose log-likelihood is differentiated."
     )
     facilitating_mask: HeadMask | None = None
@@ -404,10 +426,57 @@ class AttributeJob(_JobBase):
         return self
 
 
-JobRequest = Annotated[
-    ScoreJob | TraceJob | ChgJob | AblateJob | CchgJob | AttributeJob,
-    Field(discriminator="kind"),
-]
+def _request_model(kind: JobKind) -> type[_JobBase]:
+    model = globals().get(KINDS[kind].request)
+    if not (isinstance(model, type) and issubclass(model, _JobBase)):
+        raise TypeError(
+            f"app.kinds: kind {kind.value!r} names request model {KINDS[kind].request!r}, "
+            "which is not a job model of app.schemas"
+        )
+    return model
+
+
+REQUEST_MODELS: dict[JobKind, type[_JobBase]] = {kind: _request_model(kind) for kind in KINDS}
+"""Each kind's request model, as :mod:`app.kinds` names it."""
+
+if TYPE_CHECKING:
+    # mypy cannot read a union built at run time: to it a request is any job model, and
+    # code that needs one kind's fields narrows with isinstance.
+    JobRequest: TypeAlias = _JobBase
+else:
+    # The discriminated union of every kind's model, built from the kind table: what the
+    # API validates a submission with and the workers read parameters with.
+    JobRequest = Annotated[Union[tuple(REQUEST_MODELS.values())], Field(discriminator="kind")]  # noqa: UP007
+
+
+def role_fields(model: type[BaseModel], role: FieldRole) -> tuple[str, ...]:
+    """The fields of ``model`` marked ``role``, in order; a nested model's as
+    ``field.subfield`` (a trace's ``gradients.target``)."""
+    found: list[str] = []
+    for name, info in model.model_fields.items():
+        if role in info.metadata:
+            found.append(name)
+        for nested in _models_in(info.annotation):
+            found += [f"{name}.{sub}" for sub in role_fields(nested, role)]
+    return tuple(found)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if isinstance(annotation, UnionType) or getattr(annotation, "__origin__", None) is Union:
+        return [m for arg in get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def field_value(job: BaseModel | dict[str, Any], path: str) -> Any:
+    """The value at ``field`` or ``field.subfield`` of a job or its parameters (None if unset)."""
+    value: Any = job
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
 
 class JobError(BaseModel):
@@ -515,7 +584,3 @@ class DatasetInfo(BaseModel):
     id: str
     rows: int
     columns: list[str]
-
-
-class ErrorBody(BaseModel):
-    detail: str | list[dict[str, Any]]

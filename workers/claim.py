@@ -29,7 +29,8 @@ from rq.job import Job
 from app import queue
 from app.core.config import Limits, ModelSpec
 from app.jobstore import JobRecord, JobStore, job_key
-from app.schemas import JobDocument, JobKind, JobRequest, JobStatus
+from app.kinds import BATCHABLE_KINDS
+from app.schemas import JobDocument, JobRequest, JobStatus
 from workers import batcher, limits
 from workers.lens.errors import LensError
 from workers.lens.loading import LoadedModel
@@ -40,7 +41,7 @@ SUBMISSION_POLL_S = 0.001
 SUBMISSIONS_QUIET_S = 0.010
 """How long no submission must be in flight before a waiting burst counts as queued:
 the API's handlers come one after another, with short gaps between them."""
-SHORT_KINDS = frozenset({JobKind.SCORE.value, JobKind.TRACE.value})
+SHORT_KINDS = frozenset(kind.value for kind in BATCHABLE_KINDS)
 """The kinds that can share a pass (a trace with gradients cannot: it is found out when
 its parameters are read)."""
 

@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.schemas import JobKind
+from app.kinds import PROGRESS_KINDS
 
 log = logging.getLogger(__name__)
 
-FIT_KINDS = frozenset({JobKind.CHG, JobKind.CCHG, JobKind.ABLATE})
+FIT_KINDS = PROGRESS_KINDS
 """The kinds that pause: they report progress after every step."""
 
 

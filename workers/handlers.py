@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
+from app.kinds import KINDS, JobKind, handler_path
 from app.schemas import (
     AblateJob,
     AttributeJob,
     CchgJob,
     ChgJob,
-    JobKind,
     KeepRule,
     ScoreJob,
     TraceJob,
@@ -197,11 +198,13 @@ def run_attribute(ctx: JobContext, job: AttributeJob) -> AnalysisResult:
     )
 
 
-HANDLERS: dict[JobKind, Handler] = {
-    JobKind.SCORE: run_score,
-    JobKind.TRACE: run_trace,
-    JobKind.CHG: run_chg,
-    JobKind.ABLATE: run_ablate,
-    JobKind.CCHG: run_cchg,
-    JobKind.ATTRIBUTE: run_attribute,
-}
+def resolve_handler(kind: str) -> Handler:
+    """The function :mod:`app.kinds` names as the kind's handler."""
+    module, name = handler_path(kind)
+    handler: Handler | None = getattr(importlib.import_module(module), name, None)
+    if not callable(handler):
+        raise LookupError(f"app.kinds: kind {str(kind)!r} names handler {module}.{name}, not found")
+    return handler
+
+
+HANDLERS: dict[JobKind, Handler] = {kind: resolve_handler(kind) for kind in KINDS}

@@ -13,21 +13,19 @@ from app.api.errors import field_error
 from app.core import jobsize
 from app.core.config import Limits
 from app.core.jobsize import DatasetSize, pattern_samples, text_fields
+from app.core.jobsize import dataset_fields as dataset_fields  # the routes' use
 from app.jobstore import JobStore
 from app.schemas import (
-    AblateJob,
-    AttributeJob,
     CchgJob,
     ChgJob,
     JobEstimate,
     JobKind,
+    JobRequest,
     JobStatus,
     ModelInfo,
     ScoreJob,
     TraceJob,
 )
-
-Request = ScoreJob | TraceJob | ChgJob | AblateJob | CchgJob | AttributeJob
 
 
 def invalid(field: str, message: str) -> HTTPException:
@@ -38,7 +36,7 @@ def too_large(message: str) -> HTTPException:
     return HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, message)
 
 
-def check_limits(job: Request, limits: Limits) -> None:
+def check_limits(job: JobRequest, limits: Limits) -> None:
     """Operator limits the API can count without a tokenizer (413 for sizes, 422 for
     counts), each reported by its name; token limits come after (:func:`estimate_cost`)."""
     for field, texts in text_fields(job).items():
@@ -149,7 +147,7 @@ def check_dataset(field: str, size: DatasetSize, limits: Limits) -> None:
         )
 
 
-def check_fit_rows(job: Request, datasets: dict[str, DatasetSize], limits: Limits) -> None:
+def check_fit_rows(job: JobRequest, datasets: dict[str, DatasetSize], limits: Limits) -> None:
     """Rows a gate fit plans up front (updates × accumulation × batch), as a list and a
     tensor, before its first step."""
     if isinstance(job, ChgJob):
@@ -172,7 +170,7 @@ def check_fit_rows(job: Request, datasets: dict[str, DatasetSize], limits: Limit
 
 
 def estimate_cost(
-    job: Request,
+    job: JobRequest,
     info: ModelInfo,
     limits: Limits,
     datasets: dict[str, DatasetSize],
@@ -214,7 +212,7 @@ def estimate_cost(
 
 
 def _counted(
-    job: Request, limits: Limits, dataset_dir: Path, encode: jobsize.Encode
+    job: JobRequest, limits: Limits, dataset_dir: Path, encode: jobsize.Encode
 ) -> dict[str, list[int]]:
     try:
         return jobsize.count_tokens(job, encode, limits, dataset_dir)
@@ -222,7 +220,7 @@ def _counted(
         raise too_large(f"{exc.field}: {exc}") from None
 
 
-def check_shape(job: Request, info: ModelInfo) -> None:
+def check_shape(job: JobRequest, info: ModelInfo) -> None:
     """Layer indices, head-mask shapes, ``top_k`` and gradient target ids against the
     shape GET /v1/models reports."""
     vocab = info.vocab_size
@@ -245,8 +243,7 @@ def check_shape(job: Request, info: ModelInfo) -> None:
             raise invalid(
                 "layers", f"{bad} out of range: model {info.name!r} has layers 0..{layers - 1}"
             )
-    mask_field = {"head_mask": "head_mask", "facilitating_mask": "facilitating_mask"}
-    for field in mask_field:
+    for field in ("head_mask", "facilitating_mask"):
         mask = getattr(job, field, None)
         if mask is not None and (len(mask) != layers or len(mask[0]) != heads):
             raise invalid(
@@ -256,7 +253,7 @@ def check_shape(job: Request, info: ModelInfo) -> None:
             )
 
 
-def check_source_job(job: Request, owner: str, store: JobStore) -> None:
+def check_source_job(job: JobRequest, owner: str, store: JobStore) -> None:
     """``from_job`` must name a succeeded chg job of the same caller and model."""
     from_job = getattr(job, "from_job", None)
     if from_job is None:
@@ -273,10 +270,6 @@ def check_source_job(job: Request, owner: str, store: JobStore) -> None:
         raise invalid("from_job", f"job {from_job!r} is {doc.status}, not succeeded")
 
 
-def dataset_fields(job: Request) -> dict[str, str]:
-    return {n: v for n in jobsize.DATASET_FIELDS if (v := getattr(job, n, None)) is not None}
-
-
-def public_params(job: Request) -> dict[str, Any]:
+def public_params(job: JobRequest) -> dict[str, Any]:
     """The parameters as stored and echoed back (``kind`` and ``model`` live beside them)."""
     return job.model_dump(mode="json", exclude={"kind", "model"})

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from enum import IntEnum, StrEnum
+from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +38,7 @@ from app.client import (
     WaitTimeout,
 )
 from app.client._http import DEFAULT_URL
+from app.kinds import JobKind
 
 
 class ExitCode(IntEnum):
@@ -74,15 +75,6 @@ _ERROR_EXITS: tuple[tuple[type[LensError], ExitCode], ...] = (
     (Conflict, ExitCode.NOT_FINISHED),
     (ServerError, ExitCode.SERVER_ERROR),
 )
-
-
-class Kind(StrEnum):
-    SCORE = "score"
-    TRACE = "trace"
-    CHG = "chg"
-    ABLATE = "ablate"
-    CCHG = "cchg"
-    ATTRIBUTE = "attribute"
 
 
 DATASET_KINDS = ("chg", "ablate")
@@ -229,7 +221,7 @@ def _texts_from(path: Path) -> list[str]:
     return texts
 
 
-def _file_params(lens: LensClient, kind: Kind, path: Path) -> dict[str, Any]:
+def _file_params(lens: LensClient, kind: JobKind, path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise typer.BadParameter(f"no such file: {path}", param_hint="--file")
     if path.suffix == ".json":
@@ -270,7 +262,7 @@ def models(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt =
 
 
 def submit(
-    kind: Annotated[Kind, typer.Argument(help="Job kind.")],
+    kind: Annotated[JobKind, typer.Argument(help="Job kind.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Served model name.")],
     texts: Annotated[
         list[str] | None, typer.Option("--texts", "-t", help="A text (repeat for a batch).")

@@ -420,14 +420,33 @@ def attribute(
 
 
 def method_like(method: F, build: Callable[..., JobSpec], name: str, returns: str) -> F:
-    """Give a generated method its name, the builder's docstring and signature (plus ``self``)."""
+    """Give a generated method its name, the builder's docstring and signature (plus
+    ``self``); ``__wrapped__`` names the builder (the kind registry's parity test reads it)."""
     signature = inspect.signature(build)
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     method.__name__ = name
     method.__qualname__ = name
     method.__doc__ = build.__doc__
+    method.__wrapped__ = build  # type: ignore[attr-defined]
     method.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[self_param, *signature.parameters.values()], return_annotation=returns
+    )
+    return method
+
+
+def op_method(method: F, op: Callable[..., Any], returns: str) -> F:
+    """Give a method that runs a shared operation (:mod:`app.client._ops`) the operation's
+    name, docstring and signature, with ``self`` for its first parameter; ``returns``
+    wraps what the operation returns (``{}`` is its value's type)."""
+    signature = inspect.signature(op)
+    first, *rest = signature.parameters.values()
+    value = str(signature.return_annotation).removeprefix("Op[").removesuffix("]")
+    method.__name__ = op.__name__
+    method.__qualname__ = op.__name__
+    method.__doc__ = op.__doc__
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[first.replace(name="self", annotation=first.empty), *rest],
+        return_annotation=returns.format(value),
     )
     return method
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from app import kinds
 from app.client._http import ServerEvent
 from app.client.errors import JobCancelled, JobFailed, WaitTimeout
 
@@ -27,7 +28,7 @@ POLL_MAX_S = 2.0
 RESULT_WAIT_S = 300.0
 """The longest a waiting result request asks the server to hold it (the server takes up to
 an hour), so that a proxy that cuts idle requests seldom sees one."""
-PROGRESS_KINDS = frozenset({"chg", "cchg", "ablate"})
+PROGRESS_KINDS = frozenset(kind.value for kind in kinds.PROGRESS_KINDS)
 """The kinds whose jobs report progress."""
 
 

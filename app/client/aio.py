@@ -1,23 +1,27 @@
-"""The asyncio client: ``AsyncLensClient``, with the same surface as ``LensClient``."""
+"""The asyncio client: ``AsyncLensClient``, with the same surface as ``LensClient``.
+
+What they do is written once in :mod:`app.client._ops`; this module awaits its effects
+(:class:`_AsyncTransport`), :mod:`app.client.sync` performs them blocking.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
 
-from app.client import _http, _kinds, _wait
+from app.client import _http, _kinds, _ops
 from app.client._body import BodySink
 from app.client._http import Call, ClientConfig, DatasetSource, RetryPolicy, ServerEvent
-from app.client._kinds import JobSpec, method_like
+from app.client._kinds import JobSpec, JobView, method_like, op_method
+from app.client._ops import Effect, Exchange, Op, Sleep
 from app.client._tensors import TensorBackend
-from app.client._wait import ProgressCallback, ProgressReporter, Waiter, job_failure
-from app.client.errors import Conflict, LensError
+from app.client._wait import Waiter
+from app.client.errors import LensError
 from app.client.results import (
     AblateResult,
     AttributeResult,
@@ -26,40 +30,44 @@ from app.client.results import (
     Result,
     ScoreResult,
     TraceResult,
-    expect_kind,
-    load_result,
 )
 
 P = ParamSpec("P")
+T = TypeVar("T")
 R = TypeVar("R", bound=Result)
 
 
 class _AsyncTransport:
-    """Sends calls with retries, and opens event streams."""
+    """Performs the shared operations' effects with ``httpx.AsyncClient``."""
 
     def __init__(self, config: ClientConfig, transport: httpx.AsyncBaseTransport | None) -> None:
-        self.config = config
         self._http = httpx.AsyncClient(**config.httpx_options(), transport=transport)
 
-    async def call(self, call: Call, into: Path | None = None) -> Any:
-        """Send ``call``, retrying as the policy says; a raw call's body is read into one
-        buffer, or written to the file ``into``, as it arrives."""
-        attempt = 0
-        while True:
-            sent: httpx.Response | httpx.TransportError | bytearray | Path
-            try:
-                sent = await self._send(call, into)
-            except httpx.TransportError as exc:
-                sent = exc
-            if isinstance(sent, bytearray | Path):
-                return sent
-            delay = self.config.retry.delay(call, attempt, sent)
-            if delay is None:
-                return _http.finish(call, sent, self.config.url)
-            await asyncio.sleep(delay)
-            attempt += 1
+    async def run(self, op: Op[T]) -> T:
+        """Drive ``op`` to its end: perform each effect it yields, send back the outcome."""
+        try:
+            effect = next(op)
+            while True:
+                try:
+                    outcome = await self._perform(effect)
+                except Exception as exc:
+                    effect = op.throw(exc)
+                else:
+                    effect = op.send(outcome)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            op.close()
 
-    async def _send(self, call: Call, into: Path | None) -> httpx.Response | bytearray | Path:
+    async def _perform(self, effect: Effect) -> Any:
+        if isinstance(effect, Exchange):
+            return await self._exchange(effect.call, effect.into)
+        if isinstance(effect, Sleep):
+            await asyncio.sleep(effect.seconds)
+            return None
+        return await self._follow(effect.job_id, effect.waiter)
+
+    async def _exchange(self, call: Call, into: Path | None) -> httpx.Response | bytearray | Path:
         if not call.raw:
             return await self._http.request(**call.request_kwargs(self._http.timeout))
         async with self._http.stream(**call.request_kwargs(self._http.timeout)) as response:
@@ -75,7 +83,17 @@ class _AsyncTransport:
                 raise
             return sink.finish()
 
-    async def events(self, job_id: str, read_timeout: float) -> AsyncGenerator[ServerEvent]:
+    async def _follow(self, job_id: str, waiter: Waiter) -> None:
+        try:
+            async with contextlib.aclosing(self._events(job_id, waiter.read_timeout())) as events:
+                async for event in events:
+                    if waiter.on_event(event):
+                        return
+        except (httpx.TransportError, LensError):
+            pass
+        waiter.stream_failed()
+
+    async def _events(self, job_id: str, read_timeout: float) -> AsyncGenerator[ServerEvent]:
         timeout = _http.stream_timeout(self._http.timeout, read_timeout)
         async with self._http.stream("GET", _http.events_path(job_id), timeout=timeout) as response:
             if response.status_code != 200:
@@ -126,8 +144,11 @@ class AsyncLensClient:
     def __repr__(self) -> str:
         return f"AsyncLensClient({self.url!r})"
 
+    async def _run(self, op: Op[T]) -> T:
+        return await self._transport.run(op)
+
     async def _call(self, call: Call) -> Any:
-        return await self._transport.call(call)
+        return await self._run(_ops.request(self.config, call))
 
     async def models(self) -> list[dict[str, Any]]:
         """The served models: name, architecture, layers, heads, vocabulary, where resident."""
@@ -161,15 +182,23 @@ class AsyncLensClient:
 def _awaiting(
     build: Callable[P, JobSpec], name: str, returns: type[R]
 ) -> Callable[Concatenate[AsyncModel, P], Awaitable[R]]:
+    """A model coroutine that runs the job ``build`` describes and returns its result."""
+
     async def method(self: AsyncModel, *args: P.args, **kwargs: P.kwargs) -> R:
-        spec = build(*args, **kwargs)
-        job = await self.submit(spec.kind, **spec.params)
-        result = await job.result(
-            spec.wait.timeout, progress=spec.wait.progress, on_progress=spec.wait.on_progress
-        )
-        return expect_kind(result, returns)
+        return await self.client._run(_ops.analyse(self, build(*args, **kwargs), returns))
 
     return method_like(method, build, name, f"Awaitable[{returns.__name__}]")
+
+
+def _runs(
+    op: Callable[Concatenate[Any, P], Op[T]],
+) -> Callable[Concatenate[Any, P], Awaitable[T]]:
+    """A coroutine method that runs the shared operation ``op`` on its object."""
+
+    async def method(self: Any, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.client._run(op(self, *args, **kwargs))
+
+    return op_method(method, op, "Awaitable[{}]")
 
 
 class AsyncModel:
@@ -182,6 +211,12 @@ class AsyncModel:
 
     def __repr__(self) -> str:
         return f"AsyncModel({self.name!r} at {self.client.url})"
+
+    info = _runs(_ops.info)
+
+    async def submit(self, kind: str, **params: Any) -> AsyncJob:
+        """Queue a job of ``kind`` on this model and return at once."""
+        return await self.client.submit(kind, self.name, **params)
 
     async def num_layers(self) -> int:
         """Number of transformer layers of the served model (asked once; a coroutine here,
@@ -198,25 +233,9 @@ class AsyncModel:
             self._shape = (int(info["layers"]), int(info["heads"]))
         return self._shape
 
-    async def fit_dataset(self, dataset: DatasetSource, *args: Any, **kwargs: Any) -> ChgResult:
-        known = _kinds.dataset_id(dataset)
-        if known is None:
-            known = (await self.client.upload_dataset(dataset))["id"]
-        return await self._fit_uploaded(known, *args, **kwargs)
-
-    fit_dataset.__doc__ = _kinds.chg_dataset.__doc__
-
-    async def info(self) -> dict[str, Any]:
-        """Shape, workers and queue of this model (``NotFound`` if it is not served)."""
-        return await self.client._call(_http.model_call(self.name))
-
-    async def submit(self, kind: str, **params: Any) -> AsyncJob:
-        """Queue a job of ``kind`` on this model and return at once."""
-        return await self.client.submit(kind, self.name, **params)
-
+    fit_dataset = _runs(_ops.fit_dataset)
     fit = _awaiting(_kinds.chg, "fit", ChgResult)
     fit_pattern_task = _awaiting(_kinds.chg_pattern, "fit_pattern_task", ChgResult)
-    _fit_uploaded = _awaiting(_kinds.chg_dataset, "fit_dataset", ChgResult)
     fit_contrastive = _awaiting(_kinds.cchg, "fit_contrastive", CchgResult)
     trace = _awaiting(_kinds.trace, "trace", TraceResult)
     score = _awaiting(_kinds.score, "score", ScoreResult)
@@ -224,102 +243,14 @@ class AsyncModel:
     attribute = _awaiting(_kinds.attribute, "attribute", AttributeResult)
 
 
-class AsyncJob(_kinds.JobView):
+class AsyncJob(JobView):
     """A submitted job; ``document`` is the latest job document seen."""
 
     client: AsyncLensClient
 
-    async def refresh(self) -> dict[str, Any]:
-        """Fetch the job document again."""
-        self.document = await self.client._call(_http.job_call(self.id))
-        return self.document
-
-    async def status(self) -> str:
-        """The job's current status: queued, running, succeeded, failed or cancelled."""
-        return (await self.refresh())["status"]
-
-    async def wait(
-        self,
-        timeout: float | None = None,
-        *,
-        progress: bool | None = None,
-        on_progress: ProgressCallback | None = None,
-    ) -> str:
-        """Wait until the job ends and return its final status (raises ``WaitTimeout``)."""
-        show = self.client.config.progress if progress is None else progress
-        reporter = ProgressReporter(self.id, show=show, callback=on_progress)
-        with Waiter(self.document, reporter, timeout) as waiter:
-            waiter.on_document(await self.refresh())
-            while not waiter.done:
-                waiter.check_deadline()
-                if waiter.streaming:
-                    await self._follow(waiter)
-                else:
-                    await asyncio.sleep(waiter.poll_delay())
-                if not waiter.done:
-                    waiter.on_document(await self.refresh())
-            self.document = waiter.doc
-        return self.document["status"]
-
-    async def _follow(self, waiter: Waiter) -> None:
-        try:
-            async with contextlib.aclosing(
-                self.client._transport.events(self.id, waiter.read_timeout())
-            ) as events:
-                async for event in events:
-                    if waiter.on_event(event):
-                        return
-        except (httpx.TransportError, LensError):
-            pass
-        waiter.stream_failed()
-
-    async def result(
-        self,
-        timeout: float | None = None,
-        *,
-        progress: bool | None = None,
-        on_progress: ProgressCallback | None = None,
-    ) -> Result:
-        """Wait for the job, then download and load its result (raises ``JobFailed``)."""
-        data = await self._fetch_result(None, timeout, progress, on_progress)
-        return load_result(data, tensors=self.client.config.tensors)
-
-    async def download(self, path: str | os.PathLike[str], timeout: float | None = None) -> Path:
-        """Wait for the job, then save its result file at ``path`` (atomically, streamed
-        to disk: the result is never held in memory whole)."""
-        return await self._fetch_result(Path(path), timeout, False, None)
-
-    async def _fetch_result(
-        self,
-        into: Path | None,
-        timeout: float | None,
-        progress: bool | None,
-        on_progress: ProgressCallback | None,
-    ) -> Any:
-        show = self.client.config.progress if progress is None else progress
-        if self.document["status"] not in _wait.FINAL_STATUSES:
-            if not _wait.follows_events(self.kind, show, on_progress):
-                return await self._held_result(into, timeout)
-            await self.wait(timeout, progress=progress, on_progress=on_progress)
-        failure = job_failure(self.document)
-        if failure is not None:
-            raise failure
-        return await self.client._transport.call(_http.result_call(self.id), into)
-
-    async def _held_result(self, into: Path | None, timeout: float | None) -> Any:
-        """The result from requests that the server holds until the job ends."""
-        waiting = _wait.ResultWait(self.document, timeout)
-        while True:
-            held = _http.result_call(self.id, waiting.next_wait_s())
-            try:
-                return await self.client._transport.call(held, into)
-            except Conflict:
-                waiting.not_succeeded(await self.refresh())
-
-    async def cancel(self) -> str:
-        """Cancel the job; returns its status after the request (an ended job keeps its own)."""
-        try:
-            self.document = await self.client._call(_http.cancel_call(self.id))
-        except Conflict:
-            return await self.status()
-        return self.document["status"]
+    refresh = _runs(_ops.refresh)
+    status = _runs(_ops.status)
+    wait = _runs(_ops.wait)
+    result = _runs(_ops.result)
+    download = _runs(_ops.download)
+    cancel = _runs(_ops.cancel)

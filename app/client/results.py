@@ -24,6 +24,7 @@ from app.client._tensors import (
     read_metadata,
     resolve_backend,
 )
+from app.kinds import KINDS, JobKind
 
 Source = str | os.PathLike[str] | bytes | bytearray
 
@@ -568,11 +569,18 @@ class AttributeResult(Result):
         return dict(self.job_summary.get("summary_nll", {}))
 
 
-RESULT_TYPES: dict[str, type[Result]] = {
-    cls.kind: cls
-    for cls in (ChgResult, CchgResult, TraceResult, ScoreResult, AblateResult, AttributeResult)
-    if cls.kind is not None
-}
+def _result_type(kind: JobKind) -> type[Result]:
+    cls = globals().get(KINDS[kind].result)
+    if not (isinstance(cls, type) and issubclass(cls, Result)):
+        raise TypeError(
+            f"app.kinds: kind {kind.value!r} names result type {KINDS[kind].result!r}, "
+            "which is not a Result class of app.client.results"
+        )
+    return cls
+
+
+RESULT_TYPES: dict[str, type[Result]] = {kind.value: _result_type(kind) for kind in KINDS}
+"""Each kind's result type, as :mod:`app.kinds` names it."""
 
 
 R = TypeVar("R", bound=Result)

@@ -1,9 +1,12 @@
-"""The blocking client: ``LensClient``, its model handles and its jobs."""
+"""The blocking client: ``LensClient``, its model handles and its jobs.
+
+What they do is written once in :mod:`app.client._ops`; this module performs its effects
+with blocking I/O (:class:`_Transport`). :mod:`app.client.aio` is its asyncio twin.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -11,13 +14,14 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
 
-from app.client import _http, _kinds, _wait
+from app.client import _http, _kinds, _ops
 from app.client._body import BodySink
 from app.client._http import Call, ClientConfig, DatasetSource, RetryPolicy, ServerEvent
-from app.client._kinds import JobSpec, method_like
+from app.client._kinds import JobSpec, JobView, method_like, op_method
+from app.client._ops import Effect, Exchange, Op, Sleep
 from app.client._tensors import TensorBackend
-from app.client._wait import ProgressCallback, ProgressReporter, Waiter, job_failure
-from app.client.errors import Conflict, LensError
+from app.client._wait import Waiter
+from app.client.errors import LensError
 from app.client.results import (
     AblateResult,
     AttributeResult,
@@ -26,40 +30,44 @@ from app.client.results import (
     Result,
     ScoreResult,
     TraceResult,
-    expect_kind,
-    load_result,
 )
 
 P = ParamSpec("P")
+T = TypeVar("T")
 R = TypeVar("R", bound=Result)
 
 
 class _Transport:
-    """Sends calls with retries, and opens event streams."""
+    """Performs the shared operations' effects with ``httpx.Client``."""
 
     def __init__(self, config: ClientConfig, transport: httpx.BaseTransport | None) -> None:
-        self.config = config
         self._http = httpx.Client(**config.httpx_options(), transport=transport)
 
-    def call(self, call: Call, into: Path | None = None) -> Any:
-        """Send ``call``, retrying as the policy says; a raw call's body is read into one
-        buffer, or written to the file ``into``, as it arrives."""
-        attempt = 0
-        while True:
-            sent: httpx.Response | httpx.TransportError | bytearray | Path
-            try:
-                sent = self._send(call, into)
-            except httpx.TransportError as exc:
-                sent = exc
-            if isinstance(sent, bytearray | Path):
-                return sent
-            delay = self.config.retry.delay(call, attempt, sent)
-            if delay is None:
-                return _http.finish(call, sent, self.config.url)
-            time.sleep(delay)
-            attempt += 1
+    def run(self, op: Op[T]) -> T:
+        """Drive ``op`` to its end: perform each effect it yields, send back the outcome."""
+        try:
+            effect = next(op)
+            while True:
+                try:
+                    outcome = self._perform(effect)
+                except Exception as exc:
+                    effect = op.throw(exc)
+                else:
+                    effect = op.send(outcome)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            op.close()
 
-    def _send(self, call: Call, into: Path | None) -> httpx.Response | bytearray | Path:
+    def _perform(self, effect: Effect) -> Any:
+        if isinstance(effect, Exchange):
+            return self._exchange(effect.call, effect.into)
+        if isinstance(effect, Sleep):
+            time.sleep(effect.seconds)
+            return None
+        return self._follow(effect.job_id, effect.waiter)
+
+    def _exchange(self, call: Call, into: Path | None) -> httpx.Response | bytearray | Path:
         if not call.raw:
             return self._http.request(**call.request_kwargs(self._http.timeout))
         with self._http.stream(**call.request_kwargs(self._http.timeout)) as response:
@@ -75,7 +83,17 @@ class _Transport:
                 raise
             return sink.finish()
 
-    def events(self, job_id: str, read_timeout: float) -> Generator[ServerEvent]:
+    def _follow(self, job_id: str, waiter: Waiter) -> None:
+        try:
+            with contextlib.closing(self._events(job_id, waiter.read_timeout())) as events:
+                for event in events:
+                    if waiter.on_event(event):
+                        return
+        except (httpx.TransportError, LensError):
+            pass
+        waiter.stream_failed()
+
+    def _events(self, job_id: str, read_timeout: float) -> Generator[ServerEvent]:
         timeout = _http.stream_timeout(self._http.timeout, read_timeout)
         with self._http.stream("GET", _http.events_path(job_id), timeout=timeout) as response:
             if response.status_code != 200:
@@ -129,8 +147,11 @@ class LensClient:
     def __repr__(self) -> str:
         return f"LensClient({self.url!r})"
 
+    def _run(self, op: Op[T]) -> T:
+        return self._transport.run(op)
+
     def _call(self, call: Call) -> Any:
-        return self._transport.call(call)
+        return self._run(_ops.request(self.config, call))
 
     def models(self) -> list[dict[str, Any]]:
         """The served models: name, architecture, layers, heads, vocabulary, where resident."""
@@ -160,15 +181,21 @@ class LensClient:
 def _blocking(
     build: Callable[P, JobSpec], name: str, returns: type[R]
 ) -> Callable[Concatenate[Model, P], R]:
+    """A model method that runs the job ``build`` describes and returns its result."""
+
     def method(self: Model, *args: P.args, **kwargs: P.kwargs) -> R:
-        spec = build(*args, **kwargs)
-        job = self.submit(spec.kind, **spec.params)
-        result = job.result(
-            spec.wait.timeout, progress=spec.wait.progress, on_progress=spec.wait.on_progress
-        )
-        return expect_kind(result, returns)
+        return self.client._run(_ops.analyse(self, build(*args, **kwargs), returns))
 
     return method_like(method, build, name, returns.__name__)
+
+
+def _runs(op: Callable[Concatenate[Any, P], Op[T]]) -> Callable[Concatenate[Any, P], T]:
+    """A method that runs the shared operation ``op`` on its object."""
+
+    def method(self: Any, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.client._run(op(self, *args, **kwargs))
+
+    return op_method(method, op, "{}")
 
 
 class Model:
@@ -182,9 +209,7 @@ class Model:
     def __repr__(self) -> str:
         return f"Model({self.name!r} at {self.client.url})"
 
-    def info(self) -> dict[str, Any]:
-        """Shape, workers and queue of this model (``NotFound`` if it is not served)."""
-        return self.client._call(_http.model_call(self.name))
+    info = _runs(_ops.info)
 
     def submit(self, kind: str, **params: Any) -> Job:
         """Queue a job of ``kind`` on this model and return at once."""
@@ -206,13 +231,9 @@ class Model:
             self._shape = (int(info["layers"]), int(info["heads"]))
         return self._shape
 
-    def fit_dataset(self, dataset: DatasetSource, *args: Any, **kwargs: Any) -> ChgResult:
-        return self._fit_uploaded(_dataset(self.client, dataset), *args, **kwargs)
-
-    fit_dataset.__doc__ = _kinds.chg_dataset.__doc__
+    fit_dataset = _runs(_ops.fit_dataset)
     fit = _blocking(_kinds.chg, "fit", ChgResult)
     fit_pattern_task = _blocking(_kinds.chg_pattern, "fit_pattern_task", ChgResult)
-    _fit_uploaded = _blocking(_kinds.chg_dataset, "fit_dataset", ChgResult)
     fit_contrastive = _blocking(_kinds.cchg, "fit_contrastive", CchgResult)
     trace = _blocking(_kinds.trace, "trace", TraceResult)
     score = _blocking(_kinds.score, "score", ScoreResult)
@@ -220,113 +241,14 @@ class Model:
     attribute = _blocking(_kinds.attribute, "attribute", AttributeResult)
 
 
-def _dataset(client: LensClient, source: DatasetSource) -> str:
-    """The id of an uploaded data set: ``source`` itself, or what uploading it gave."""
-    known = _kinds.dataset_id(source)
-    return known if known is not None else client.upload_dataset(source)["id"]
-
-
-class Job(_kinds.JobView):
+class Job(JobView):
     """A submitted job; ``document`` is the latest job document seen."""
 
     client: LensClient
 
-    def refresh(self) -> dict[str, Any]:
-        """Fetch the job document again."""
-        self.document = self.client._call(_http.job_call(self.id))
-        return self.document
-
-    def status(self) -> str:
-        """The job's current status: queued, running, succeeded, failed or cancelled."""
-        return self.refresh()["status"]
-
-    def wait(
-        self,
-        timeout: float | None = None,
-        *,
-        progress: bool | None = None,
-        on_progress: ProgressCallback | None = None,
-    ) -> str:
-        """Block until the job ends and return its final status (raises ``WaitTimeout``).
-
-        Follows the job's event stream; falls back to polling if the stream keeps breaking.
-        """
-        show = self.client.config.progress if progress is None else progress
-        reporter = ProgressReporter(self.id, show=show, callback=on_progress)
-        with Waiter(self.document, reporter, timeout) as waiter:
-            waiter.on_document(self.refresh())
-            while not waiter.done:
-                waiter.check_deadline()
-                if waiter.streaming:
-                    self._follow(waiter)
-                else:
-                    time.sleep(waiter.poll_delay())
-                if not waiter.done:
-                    waiter.on_document(self.refresh())
-            self.document = waiter.doc
-        return self.document["status"]
-
-    def _follow(self, waiter: Waiter) -> None:
-        events = self.client._transport.events(self.id, waiter.read_timeout())
-        try:
-            with contextlib.closing(events):
-                for event in events:
-                    if waiter.on_event(event):
-                        return
-        except (httpx.TransportError, LensError):
-            pass
-        waiter.stream_failed()
-
-    def result(
-        self,
-        timeout: float | None = None,
-        *,
-        progress: bool | None = None,
-        on_progress: ProgressCallback | None = None,
-    ) -> Result:
-        """Wait for the job, then download and load its result (raises ``JobFailed``)."""
-        data = self._fetch_result(None, timeout, progress, on_progress)
-        return load_result(data, tensors=self.client.config.tensors)
-
-    def download(self, path: str | os.PathLike[str], timeout: float | None = None) -> Path:
-        """Wait for the job, then save its result file at ``path`` (atomically, streamed
-        to disk: the result is never held in memory whole)."""
-        return self._fetch_result(Path(path), timeout, False, None)
-
-    def _fetch_result(
-        self,
-        into: Path | None,
-        timeout: float | None,
-        progress: bool | None,
-        on_progress: ProgressCallback | None,
-    ) -> Any:
-        show = self.client.config.progress if progress is None else progress
-        if self.document["status"] not in _wait.FINAL_STATUSES:
-            if not _wait.follows_events(self.kind, show, on_progress):
-                return self._held_result(into, timeout)
-            self.wait(timeout, progress=progress, on_progress=on_progress)
-        failure = job_failure(self.document)
-        if failure is not None:
-            raise failure
-        return self.client._transport.call(_http.result_call(self.id), into)
-
-    def _held_result(self, into: Path | None, timeout: float | None) -> Any:
-        """The result from requests that the server holds until the job ends."""
-        waiting = _wait.ResultWait(self.document, timeout)
-        while True:
-            held = _http.result_call(self.id, waiting.next_wait_s())
-            try:
-                return self.client._transport.call(held, into)
-            except Conflict:
-                waiting.not_succeeded(self.refresh())
-
-    def cancel(self) -> str:
-        """Cancel the job: a queued one never runs, a running one stops at its next step.
-
-        Returns the status after the request; a job that already ended keeps its status.
-        """
-        try:
-            self.document = self.client._call(_http.cancel_call(self.id))
-        except Conflict:
-            return self.status()
-        return self.document["status"]
+    refresh = _runs(_ops.refresh)
+    status = _runs(_ops.status)
+    wait = _runs(_ops.wait)
+    result = _runs(_ops.result)
+    download = _runs(_ops.download)
+    cancel = _runs(_ops.cancel)

@@ -24,33 +24,35 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import Limits
+from app.kinds import JobKind
 from app.schemas import (
+    DATASET,
+    REQUEST_MODELS,
+    SIZE,
+    TEXT,
     AblateJob,
     AttributeJob,
     CchgJob,
     ChgJob,
+    FieldRole,
     JobRequest,
     ModelInfo,
     ScoreJob,
     TraceJob,
+    field_value,
+    role_fields,
 )
 from workers.lens.sites import LAYER_SITES, SITE_NAMES, SITES
 
-TEXT_FIELDS = (
-    "texts",
-    "targets",
-    "retain_texts",
-    "retain_targets",
-    "forget_texts",
-    "forget_targets",
-    "eval_retain_texts",
-    "eval_retain_targets",
-    "eval_forget_texts",
-    "eval_forget_targets",
-    "sentences",
-)
-SIZE_PARAMS = ("num_masks", "batch_size", "num_samples", "num_updates", "num_reg_updates")
-DATASET_FIELDS = ("dataset", "retain_dataset", "forget_dataset")
+
+def _fields(role: FieldRole) -> dict[JobKind, tuple[str, ...]]:
+    return {kind: role_fields(model, role) for kind, model in REQUEST_MODELS.items()}
+
+
+TEXT_FIELDS = _fields(TEXT)
+"""Each kind's text fields (marked ``TEXT`` on its request model)."""
+SIZE_PARAMS = _fields(SIZE)
+DATASET_FIELDS = _fields(DATASET)
 
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int8": 1}
 BYTES_PER_TOKEN = 4
@@ -66,29 +68,30 @@ def text_fields(job: JobRequest) -> dict[str, list[str]]:
     """Every text of the job given inline, by field (data sets and patterns are not
     inline); a gradient target text counts as one."""
     found: dict[str, list[str]] = {}
-    for name in TEXT_FIELDS:
-        value = getattr(job, name, None)
+    for name in TEXT_FIELDS[JobKind(job.kind)]:
+        value = field_value(job, name)
         if value is not None:
             found[name] = [value] if isinstance(value, str) else list(value)
-    if isinstance(job, AttributeJob):
-        found["document"] = [job.document]
-        found["summary"] = [job.summary]
-    if isinstance(job, TraceJob) and job.gradients is not None and job.gradients.target:
-        found["gradients.target"] = [job.gradients.target]
     return found
+
+
+def dataset_fields(job: JobRequest) -> dict[str, str]:
+    """The data set ids the job names, by field."""
+    fields = DATASET_FIELDS[JobKind(job.kind)]
+    return {name: value for name in fields if (value := field_value(job, name)) is not None}
 
 
 def describe_size(kind: str, params: dict[str, Any]) -> str:
     """``chg: 64 texts of up to 120 characters, …, num_masks=8, batch_size=32, num_masks ×
     batch_size = 256``: what a user needs to shrink a job that did not fit."""
     parts = []
-    for name in TEXT_FIELDS:
-        value = params.get(name)
+    for name in TEXT_FIELDS[JobKind(kind)]:
+        value = field_value(params, name)
         if value:
             texts = [value] if isinstance(value, str) else value
             longest = max(len(t) for t in texts)
             parts.append(f"{len(texts)} {name} of up to {longest} characters")
-    for name in SIZE_PARAMS:
+    for name in SIZE_PARAMS[JobKind(kind)]:
         if params.get(name) is not None and (name != "num_samples" or params.get("pattern")):
             parts.append(f"{name}={params[name]}")
     if params.get("num_masks") and params.get("batch_size"):
@@ -185,10 +188,9 @@ def texts_to_count(job: JobRequest, dataset_dir: Path) -> Iterator[tuple[str, li
     ones, then each data set's prompts and targets (a data set without its file, expired
     since, has none)."""
     yield from text_fields(job).items()
-    for field in DATASET_FIELDS:
-        dataset_id = getattr(job, field, None)
+    for field, dataset_id in dataset_fields(job).items():
         path = dataset_dir / f"{dataset_id}.json"
-        if dataset_id and path.is_file():
+        if path.is_file():
             rows = json.loads(path.read_text())
             yield f"{field}.prompt", [r["prompt"] for r in rows]
             yield f"{field}.target", [r["target"] for r in rows]
@@ -309,6 +311,8 @@ def result_tensors(job: JobRequest, shape: ModelShape, tokens: Tokens) -> dict[s
         n = len(_examples(job, tokens))
         per = {f"{m}.{c}": TensorSpec("float32", (n,)) for m in ("nll", "accuracy") for c in _AB}
         return per | {"head_mask": TensorSpec("float32", (shape.layers, shape.heads))}
+    if not isinstance(job, AttributeJob):
+        raise UnsizedKind(job.kind)
     document = sum(tokens.get("document", [0]))
     seq = document + sum(tokens.get("summary", [0]))
     return {
@@ -320,6 +324,14 @@ def result_tensors(job: JobRequest, shape: ModelShape, tokens: Tokens) -> dict[s
 
 
 _AB = ("baseline", "masked")
+
+
+class UnsizedKind(NotImplementedError):
+    """A kind this module cannot size yet: each kind's result tensors and peak memory
+    are written here, beside its advice (``tests/app/test_kind_registry.py`` checks)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"app.core.jobsize does not size {kind} jobs")
 
 
 def result_bytes(job: JobRequest, shape: ModelShape, tokens: Tokens) -> int:
@@ -498,6 +510,8 @@ def peak_bytes(job: JobRequest, shape: ModelShape, tokens: Tokens) -> int:
         rows = 2 * min(EVAL_CHUNK, len(examples))
         picks = max(t for _, t in examples)
         return result + _block_bytes(shape, rows, seq) + rows * picks * v * 4
+    if not isinstance(job, AttributeJob):
+        raise UnsizedKind(job.kind)
     seq = sum(tokens.get("document", [1])) + sum(tokens.get("summary", [1]))
     return result + _graph_bytes(shape, 1, seq) + seq * v * (d + 4)
 
@@ -513,7 +527,7 @@ def fit_rows(job: JobRequest, prompts: int) -> int | None:
     return None
 
 
-_RESULT_ADVICE = {
+RESULT_ADVICE = {
     "score": "send fewer or shorter texts, or ask for final_token_only or top_k",
     "trace": "ask for fewer layers, sites, texts or positions (positions='last'), "
     "dtype='float16', or leave out the logits site",
@@ -522,7 +536,7 @@ _RESULT_ADVICE = {
     "ablate": "send fewer examples",
     "attribute": "send a shorter document",
 }
-_MEMORY_ADVICE = {
+MEMORY_ADVICE = {
     "score": "send fewer or shorter texts (the logits alone are texts × tokens × vocabulary)",
     "trace": "send fewer or shorter texts, or trace fewer layers and sites",
     "chg": "lower num_masks or batch_size, or send shorter texts (max_length)",
@@ -530,6 +544,8 @@ _MEMORY_ADVICE = {
     "ablate": "send shorter texts (max_length)",
     "attribute": "send a shorter document",
 }
+
+"""What to lower when a kind's result or peak memory is over its limit, by kind."""
 
 
 def _gib(n: int) -> str:
@@ -573,14 +589,14 @@ def check_cost(
         raise JobTooLarge(
             f"the result would hold {size} bytes ({_gib(size)}) of tensors, estimated from "
             f"the model's shape and {how}, over the limit max_result_bytes = "
-            f"{max_result_bytes}: {_RESULT_ADVICE[job.kind]}"
+            f"{max_result_bytes}: {RESULT_ADVICE[job.kind]}"
         )
     if max_memory_bytes is not None and cost.peak_bytes > max_memory_bytes:
         raise JobTooLarge(
             f"the job would need about {_gib(cost.peak_bytes)} of memory at its peak, "
             f"estimated from the model's shape and {how}, over the {_gib(max_memory_bytes)} "
             f"a job may use on this model (max_job_memory_bytes, or its device's memory "
-            f"less the model): {_MEMORY_ADVICE[job.kind]}"
+            f"less the model): {MEMORY_ADVICE[job.kind]}"
         )
     return cost
 
