@@ -25,10 +25,11 @@ from typing import Any
 
 import redis
 
-from app import queue
+from app import presence, queue
 from app.blobstore import BlobStore, job_of
 from app.core.config import Settings
-from app.jobstore import OWNERS, PREFIX, JobStore, RunningJob, owner_index
+from app.jobstore import JobStore, RunningJob
+from app.keys import OWNERS, dataset_key, owner_index
 from app.logs import job_context
 from app.schemas import JobError
 
@@ -72,7 +73,7 @@ def settle(store: JobStore, settings: Settings, job: RunningJob, error: JobError
 def reap_lost_jobs(store: JobStore, settings: Settings) -> list[str]:
     """Settle the running jobs of workers that stopped beating, and those a live worker
     does not run; returns their ids."""
-    workers = queue.live_workers(store.redis)
+    workers = presence.live_workers(store.redis)
     settled = []
     for job in store.running():
         info = workers.get(job.worker)
@@ -140,10 +141,6 @@ class SweepReport:
     temps: int = 0
     datasets: int = 0
     index_entries: int = 0
-
-
-def dataset_key(dataset_id: str) -> str:
-    return f"{PREFIX}:dataset:{dataset_id}"
 
 
 def sweep(

@@ -26,9 +26,10 @@ import redis
 from pydantic import TypeAdapter
 from rq.job import Job
 
-from app import queue
+from app import keys, queue
 from app.core.config import Limits, ModelSpec
-from app.jobstore import JobRecord, JobStore, job_key
+from app.jobstore import JobRecord, JobStore
+from app.keys import job_key
 from app.schemas import JobDocument, JobKind, JobRequest, JobStatus
 from workers import batcher, limits
 from workers.lens.errors import LensError
@@ -123,7 +124,7 @@ class Claimer:
         if batcher.is_full([leader], spec.max_batch_tokens):
             return None
         pipe = conn.pipeline(transaction=False)
-        pipe.get(queue.submitting_key(doc.model, doc.kind))
+        pipe.get(keys.submitting_key(doc.model, doc.kind))
         pipe.lrange(queue.queue_key(doc.model), 0, CLAIM_SCAN - 1)
         in_flight, head = pipe.execute()
         if not queue.in_flight_count(in_flight):

@@ -9,7 +9,7 @@ from pathlib import Path
 import redis
 import torch
 
-from app import queue
+from app import presence, queue
 from app.blobstore import BlobStore
 from app.core.config import ModelSpec, Settings
 from app.jobstore import JobStore
@@ -32,7 +32,7 @@ def test_a_lost_job_fails_with_worker_lost(redis_conn: redis.Redis) -> None:
     alive, lost = make(store), make(store)
     store.start(alive, "w-alive")
     store.start(lost, "w-dead")
-    queue.heartbeat(redis_conn, "w-alive", {}, ttl_s=10)
+    presence.heartbeat(redis_conn, "w-alive", {}, ttl_s=10)
     assert reap_lost_jobs(store, SETTINGS) == [lost]
     record = store.get(lost)
     assert record is not None and record.document.status is JobStatus.FAILED
@@ -143,13 +143,13 @@ def test_a_job_its_live_worker_no_longer_runs_is_settled(redis_conn: redis.Redis
     job_id = make(api)
     started = worker.start(job_id, "w1")
     assert started is not None and worker.holding()["jobs"] == [job_id]
-    queue.heartbeat(redis_conn, "w1", {"holding": worker.holding()}, ttl_s=10)
+    presence.heartbeat(redis_conn, "w1", {"holding": worker.holding()}, ttl_s=10)
     assert reap_lost_jobs(api, SETTINGS) == []
     (entry,) = api.running()
     before = {"jobs": [], "at": (entry.since or 0) - 1}
-    queue.heartbeat(redis_conn, "w1", {"holding": before}, ttl_s=10)
+    presence.heartbeat(redis_conn, "w1", {"holding": before}, ttl_s=10)
     assert reap_lost_jobs(api, SETTINGS) == [], "a list from before its start proves nothing"
-    queue.heartbeat(redis_conn, "w1", {"holding": {"jobs": [], "at": time.time()}}, ttl_s=10)
+    presence.heartbeat(redis_conn, "w1", {"holding": {"jobs": [], "at": time.time()}}, ttl_s=10)
     assert reap_lost_jobs(api, SETTINGS) == [job_id]
     record = api.get(job_id)
     assert record is not None and record.document.status is JobStatus.FAILED

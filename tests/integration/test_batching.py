@@ -23,7 +23,7 @@ from rq.worker import SimpleWorker
 from safetensors import safe_open
 from safetensors.torch import load, load_file
 
-from app import queue
+from app import keys, presence, queue
 from app.blobstore import BlobStore
 from app.core.config import ModelSpec
 from app.jobstore import JobStore
@@ -173,7 +173,7 @@ def test_jobs_still_being_submitted_join_the_pass_that_is_starting(
     later_ids: list[str] = []
 
     def api_busy_with_a_burst() -> None:
-        in_flight = queue.submitting_key(MODEL, "score")
+        in_flight = keys.submitting_key(MODEL, "score")
         rt.store.redis.incr(in_flight)
         while rt.store.get(first).document.status is not JobStatus.RUNNING:
             time.sleep(0.01)
@@ -196,7 +196,7 @@ def test_with_nothing_in_flight_a_job_starts_at_once(
     rt: tasks.Runtime, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wait_ms(registry, 10_000, monkeypatch)
-    rt.store.redis.set(queue.submitting_key(MODEL, "trace"), 1)  # another kind: no reason
+    rt.store.redis.set(keys.submitting_key(MODEL, "trace"), 1)  # another kind: no reason
     job_id = submit(rt, ScoreJob(model=MODEL, texts=SHORT))
     started = time.monotonic()
     work(rt)
@@ -320,8 +320,8 @@ def _worker_info(conn: redis.Redis, worker: str, timeout: float = 10) -> dict[st
     """The worker's heartbeat once it reports a batch (it beats every 0.5 s here)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = queue.live_workers(conn).get(worker, {})
+        info = presence.live_workers(conn).get(worker, {})
         if info.get("batching", {}).get("passes"):
             return info
         time.sleep(0.1)
-    raise AssertionError(f"no batching stats from {worker}: {queue.live_workers(conn)}")
+    raise AssertionError(f"no batching stats from {worker}: {presence.live_workers(conn)}")

@@ -17,7 +17,7 @@ from typing import Any, cast
 import pytest
 
 from app import queue
-from app.jobstore import RUNNING
+from app.keys import RUNNING
 from app.schemas import JobStatus, ScoreJob, TraceJob
 from tests.integration.test_batching import LONG, MEDIUM, MODEL, SHORT, assert_as_alone
 from tests.workers.conftest import submit

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.jobstore import RUNNING
+from app.keys import RUNNING
 from app.schemas import ChgJob, JobDocument, JobStatus, ScoreJob, TraceJob
 from tests.integration.test_batching import LONG, MEDIUM, MODEL, SHORT, assert_as_alone
 from tests.workers.conftest import submit

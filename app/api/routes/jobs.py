@@ -32,8 +32,8 @@ from app.api.result_file import ResultFile
 from app.api.routes.datasets import dataset_record
 from app.core.config import Settings
 from app.events import LOST, EventHub, TooManyStreams
-from app.jobstore import JobRecord, JobStore, new_job_id, reserve_with, unreserve_with
-from app.maintenance import dataset_key
+from app.jobstore import JobRecord, JobStore, reserve_with, unreserve_with
+from app.keys import MODELS, dataset_key, new_job_id
 from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -77,7 +77,7 @@ async def submit_job(
     job_id, cap = new_job_id(), settings.limits.max_active_jobs_per_key
     pipe = aconn.pipeline(transaction=False)
     submission.open_with(pipe)
-    pipe.hget(queue.MODELS_KEY, job.model)
+    pipe.hget(MODELS, job.model)
     reserve_with(pipe, owner, job_id, cap)
     *_, shape, active = await pipe.execute()
     submission.opened()
