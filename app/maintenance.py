@@ -28,8 +28,9 @@ import redis
 from app import presence, queue
 from app.blobstore import BlobStore, job_of
 from app.core.config import Settings
+from app.datasets import DatasetStore
 from app.jobstore import JobStore, RunningJob
-from app.keys import OWNERS, dataset_key, owner_index
+from app.keys import OWNERS, owner_index
 from app.logs import job_context
 from app.schemas import JobError
 
@@ -159,13 +160,12 @@ def sweep(
             elif path.suffix == ".safetensors" and not store.exists(job_of(path.name)):
                 path.unlink(missing_ok=True)
                 removed_blobs += 1
-    if dataset_dir.is_dir():
-        for path in dataset_dir.glob("*.tmp"):
-            removed_temps += _unlink_older(path, cutoff)
-        for path in dataset_dir.glob("*.json"):
-            if not conn.exists(dataset_key(path.stem)):
-                path.unlink(missing_ok=True)
-                removed_sets += 1
+    datasets = DatasetStore(dataset_dir)
+    for path in datasets.temp_files():
+        removed_temps += _unlink_older(path, cutoff)
+    for path in datasets.expired(conn):
+        path.unlink(missing_ok=True)
+        removed_sets += 1
     pruned = sum(
         store.prune_index(owner_index(owner.decode()), time.time() - keep_index_s)
         for owner in conn.sscan_iter(OWNERS, count=100)

@@ -12,7 +12,8 @@ from fastapi import HTTPException, status
 from app.api.errors import field_error
 from app.core import jobsize
 from app.core.config import Limits
-from app.core.jobsize import DatasetSize, pattern_samples, text_fields
+from app.core.jobsize import pattern_samples, text_fields
+from app.datasets import DatasetSize
 from app.jobstore import JobStore
 from app.schemas import (
     AblateJob,
