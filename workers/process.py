@@ -55,6 +55,7 @@ from workers import limits, tasks
 from workers.malloc import keep_freed_memory
 from workers.registry import ModelRegistry, describe
 from workers.rq_guard import ForeignJob, LensJob
+from workers.runtime import Runtime
 from workers.threads import apply_thread_budget, thread_budget
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def run_worker(
     serving = [m for m in names if m in shapes]
     limits.apply_memory_limits(settings, list(registry.loaded.values()))
     tasks.install(
-        tasks.Runtime(
+        Runtime(
             worker_name=name,
             registry=registry,
             store=store,

@@ -15,7 +15,7 @@ from app.core.config import ModelSpec, Settings
 from app.jobstore import JobStore
 from app.maintenance import Reaper, reap_lost_jobs
 from app.schemas import JobDocument, JobProgress, JobStatus
-from workers import tasks
+from workers import outcomes, tasks
 from workers.lens.results import AnalysisResult
 from workers.process import _Shutdown, served_models
 from workers.registry import ModelRegistry
@@ -180,7 +180,7 @@ def test_a_stale_attempt_can_neither_write_nor_delete_the_current_result(
             blobs=blobs, dataset_dir=tmp_path, result_ttl_s=100,
         )  # fmt: skip
         result = AnalysisResult(tensors={"x": torch.full((2,), value)}, summary={"v": value})
-        tasks._deliver(rt, doc, result)
+        outcomes.deliver(rt, doc, result)
 
     deliver(w2, second.document, 2.0)
     current = blobs.path(job_id, 1).read_bytes()

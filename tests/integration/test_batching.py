@@ -31,7 +31,7 @@ from app.schemas import JobStatus, ScoreJob, TraceJob
 from app.stack import Stack
 from tests.conftest import DEMO, service_settings
 from tests.workers.test_batcher import alone
-from workers import batcher, tasks
+from workers import shared_pass, tasks
 from workers.lens.loading import LoadedModel, load_model
 from workers.lens.scoring import score
 from workers.lens.testing import build_tiny_model
@@ -259,14 +259,14 @@ def test_a_job_cancelled_while_queued_is_not_taken(rt: tasks.Runtime) -> None:
 def test_a_shared_pass_out_of_memory_runs_each_job_on_its_own(
     rt: tasks.Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = batcher.forward
+    real = shared_pass.forward
 
-    def small_memory(lm: LoadedModel, items: list[batcher.Prepared]) -> batcher.SharedPass:
+    def small_memory(lm: LoadedModel, items: list[shared_pass.Prepared]) -> shared_pass.SharedPass:
         if len(items) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(lm, items)
 
-    monkeypatch.setattr(batcher, "forward", small_memory)
+    monkeypatch.setattr(shared_pass, "forward", small_memory)
     jobs = [ScoreJob(model=MODEL, texts=t, temperature=2.0) for t in (SHORT, LONG, MEDIUM)]
     ids = [submit(rt, job) for job in jobs]
     work(rt)

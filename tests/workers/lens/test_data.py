@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
 from workers.lens import demo, testing
-from workers.lens.data import IGNORE, encode_prompt_targets, generate_pattern
 from workers.lens.errors import ContextTooLong, InvalidParameter
+from workers.lens.prompt_targets import IGNORE, encode_prompt_targets, generate_pattern
 
 CPU = torch.device("cpu")
 
