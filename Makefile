@@ -19,10 +19,14 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/pytest
 
+# Style, types, the layering contracts (pyproject's [tool.importlinter]) and declared vs
+# imported dependencies.
 lint: $(BIN)/.installed
 	$(BIN)/ruff check app workers tests bench
 	$(BIN)/ruff format --check app workers tests bench
-	$(BIN)/mypy app workers
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/deptry .
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench
