@@ -27,9 +27,9 @@ from app.keys import is_job_id
 FORMAT = "lens-server/1"
 
 WRITE_CHUNK_BYTES = 1 << 20
-"""Bytes per ``write``. On the benchmark's VM (Linux 6.18) one write of 2 MiB or more into
-a new file took about four times as long as the same bytes written 1 MiB at a time (17 MB:
-28 against 7 ms), which is why results are not written with ``safetensors.save_file``."""
+"""Bytes per ``write``: one large write into a new file was several times slower than the
+same bytes in 1 MiB writes (docs/performance.md), which is why results are not written
+with ``safetensors.save_file``."""
 
 
 _CODES = {
