@@ -10,6 +10,7 @@ that keeps the test to the install itself, which is what can break.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+import app
 from app.client import LensClient
 
 url, model, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -51,6 +53,7 @@ print(json.dumps({
     "jobs": {"score": score.job_id, "trace": trace.job_id, "fit": fit.job_id},
     "types": sorted({type(x).__module__ for x in (score["logits"], trace.final_logits)}),
     "taxonomy": list(fit.taxonomy.shape),
+    "app": app.__file__,
     "installed": [m for m in %r if importlib.util.find_spec(m) is not None],
 }))
 """
@@ -77,10 +80,16 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment less PYTHONPATH: the venv must see only what it installed."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
 def run(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
+        [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=clean_env(),
+        timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, f"{args[:4]} failed:\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -94,6 +103,7 @@ def test_client_without_torch_runs_fit_trace_and_score(
         tmp_path, cwd=tmp_path,
     )  # fmt: skip
     report = json.loads(done.stdout)
+    assert Path(report["app"]).is_relative_to(client_venv), "the installed package ran"
     assert report["installed"] == []
     assert report["types"] == ["numpy"]
     with LensClient(service.url, progress=False, tensors="numpy") as lens:
@@ -113,7 +123,8 @@ def test_lens_job_commands_work_and_service_commands_name_their_extra(
     models = json.loads(run(lens, "models", "--url", service.url, "--json", cwd=tmp_path).stdout)
     assert [m["name"] for m in models] == [DEMO]
     api = subprocess.run(
-        [str(lens), "api"], capture_output=True, text=True, cwd=tmp_path, timeout=60
-    )
+        [str(lens), "api"], capture_output=True, text=True, cwd=tmp_path, env=clean_env(),
+        timeout=60,
+    )  # fmt: skip
     assert api.returncode == 1
     assert "pip install 'lens-server[server]'" in api.stderr
