@@ -10,7 +10,7 @@ PYTHON ?= python3
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[serve,dev]'
 	touch $@
 
 demo: $(BIN)/.installed
@@ -19,10 +19,14 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/pytest
 
+# Style, types, the layering contracts (pyproject's [tool.importlinter]) and declared vs
+# imported dependencies.
 lint: $(BIN)/.installed
 	$(BIN)/ruff check app workers tests bench
 	$(BIN)/ruff format --check app workers tests bench
-	$(BIN)/mypy app workers
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/deptry .
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench

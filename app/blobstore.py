@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -23,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+from app.keys import is_job_id
+
 FORMAT = "lens-server/1"
 
 WRITE_CHUNK_BYTES = 1 << 20
-"""Bytes per ``write``. On the benchmark's VM (Linux 6.18) one write of 2 MiB or more into
-a new file took about four times as long as the same bytes written 1 MiB at a time (17 MB:
-28 against 7 ms), which is why results are not written with ``safetensors.save_file``."""
+"""Bytes per ``write``: one large write into a new file was several times slower than the
+same bytes in 1 MiB writes (docs/performance.md), which is why results are not written
+with ``safetensors.save_file``."""
 
 
 _CODES = {
@@ -76,7 +76,7 @@ class BlobStore:
 
     def path(self, job_id: str, attempt: int = 0) -> Path:
         """The result file of the job's ``attempt``."""
-        if not _JOB_ID.match(job_id):
+        if not is_job_id(job_id):
             raise ValueError(f"not a job id: {job_id!r}")
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
             raise ValueError(f"not an attempt: {attempt!r}")

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 import redis
 import redis.asyncio
 
-from app.jobstore import events_channel
+from app.keys import events_channel
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ attempt: a run that was presumed lost and resumed later changes nothing.
 from __future__ import annotations
 
 import json
-import secrets
 import threading
 import time
 from collections import Counter
@@ -36,14 +35,22 @@ import redis
 import redis.asyncio
 from redis.typing import EncodableT, FieldT
 
+from app.keys import (
+    FINISHED,
+    OWNERS,
+    PREFIX,
+    RUNNING,
+    SUBMITTED,
+    active_set,
+    events_channel,
+    job_key,
+    new_job_id,
+    owner_index,
+    pending_key,
+)
 from app.schemas import JobDocument, JobError, JobEstimate, JobProgress, JobStatus, TensorInfo
 
-PREFIX = "lens"
 ANONYMOUS = "anonymous"
-RUNNING = f"{PREFIX}:running"
-OWNERS = f"{PREFIX}:owners"
-SUBMITTED = f"{PREFIX}:stats:submitted"
-FINISHED = f"{PREFIX}:stats:finished"
 DURATION_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600)
 """Upper bounds of the job-duration histogram (seconds from start to finish)."""
 _JSON_FIELDS = ("params", "progress", "error", "summary", "tensors", "estimate")
@@ -196,37 +203,8 @@ PENDING_TTL_S = 60
 between the two) is freed after this."""
 
 
-def new_job_id() -> str:
-    """An unguessable job id (128 random bits)."""
-    return secrets.token_hex(16)
-
-
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}"
-
-
-def events_channel(job_id: str) -> str:
-    return f"{PREFIX}:events:{job_id}"
-
-
-def owner_index(owner: str) -> str:
-    return f"{PREFIX}:jobs:{owner}"
-
-
-def active_set(owner: str) -> str:
-    return f"{PREFIX}:active:{owner}"
-
-
-def duration_key(kind: str) -> str:
-    return f"{PREFIX}:stats:duration:{kind}"
-
-
-def pending_key(job_id: str) -> str:
-    return f"{PREFIX}:pending:{job_id}"
 
 
 def encode_json(value: Any) -> str:

@@ -27,13 +27,14 @@ from app.blobstore import BlobStore
 from app.core.config import Limits, Settings, get_settings
 from app.events import EventHub
 from app.jobstore import JobStore
+from app.keys import JOB_ID_FORM
 from app.logs import job_context
 from app.maintenance import run_housekeeping
 from app.metrics import metrics_registry
 
 CLIENT_HEADER = "X-Lens-Client"
 log = logging.getLogger(__name__)
-_JOB_PATH = re.compile(r"^/v1/jobs/([0-9a-f]{32})(?:/|$)")
+_JOB_PATH = re.compile(rf"^/v1/jobs/({JOB_ID_FORM})(?:/|$)")
 
 
 def compatible(client_version: str) -> bool:

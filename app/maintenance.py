@@ -25,10 +25,12 @@ from typing import Any
 
 import redis
 
-from app import queue
+from app import presence, queue
 from app.blobstore import BlobStore, job_of
 from app.core.config import Settings
-from app.jobstore import OWNERS, PREFIX, JobStore, RunningJob, owner_index
+from app.datasets import DatasetStore
+from app.jobstore import JobStore, RunningJob
+from app.keys import OWNERS, owner_index
 from app.logs import job_context
 from app.schemas import JobError
 
@@ -72,7 +74,7 @@ def settle(store: JobStore, settings: Settings, job: RunningJob, error: JobError
 def reap_lost_jobs(store: JobStore, settings: Settings) -> list[str]:
     """Settle the running jobs of workers that stopped beating, and those a live worker
     does not run; returns their ids."""
-    workers = queue.live_workers(store.redis)
+    workers = presence.live_workers(store.redis)
     settled = []
     for job in store.running():
         info = workers.get(job.worker)
@@ -142,10 +144,6 @@ class SweepReport:
     index_entries: int = 0
 
 
-def dataset_key(dataset_id: str) -> str:
-    return f"{PREFIX}:dataset:{dataset_id}"
-
-
 def sweep(
     store: JobStore, blobs: BlobStore, dataset_dir: Path, *, keep_index_s: float
 ) -> SweepReport:
@@ -162,13 +160,12 @@ def sweep(
             elif path.suffix == ".safetensors" and not store.exists(job_of(path.name)):
                 path.unlink(missing_ok=True)
                 removed_blobs += 1
-    if dataset_dir.is_dir():
-        for path in dataset_dir.glob("*.tmp"):
-            removed_temps += _unlink_older(path, cutoff)
-        for path in dataset_dir.glob("*.json"):
-            if not conn.exists(dataset_key(path.stem)):
-                path.unlink(missing_ok=True)
-                removed_sets += 1
+    datasets = DatasetStore(dataset_dir)
+    for path in datasets.temp_files():
+        removed_temps += _unlink_older(path, cutoff)
+    for path in datasets.expired(conn):
+        path.unlink(missing_ok=True)
+        removed_sets += 1
     pruned = sum(
         store.prune_index(owner_index(owner.decode()), time.time() - keep_index_s)
         for owner in conn.sscan_iter(OWNERS, count=100)

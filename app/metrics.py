@@ -23,8 +23,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from app import queue
-from app.jobstore import DURATION_BUCKETS_S, FINISHED, SUBMITTED, JobStore, duration_key
+from app import presence, queue
+from app.jobstore import DURATION_BUCKETS_S, JobStore
+from app.keys import FINISHED, SUBMITTED, duration_key
 from app.schemas import JobKind
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class LensCollector(Collector):
             busy.add_metric([model], running.get(model, 0))
         yield depth
         yield busy
-        yield from self._worker_families(queue.live_workers(conn))
+        yield from self._worker_families(presence.live_workers(conn))
 
     def _job_families(self, conn: redis.Redis) -> Iterator[Metric]:
         submitted = CounterMetricFamily(

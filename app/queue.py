@@ -1,4 +1,5 @@
-"""RQ queues (one per served model, JSON serializer) and the workers' presence in Redis.
+"""RQ queues (one per served model, JSON serializer), fair between keys, and the counts of
+submissions in flight (workers' presence is :mod:`app.presence`).
 
 The API enqueues by dotted path, so it never imports the code that runs jobs.
 
@@ -14,9 +15,8 @@ of each other key, however many that key has queued.
 from __future__ import annotations
 
 import contextlib
-import json
 from functools import lru_cache
-from typing import Any, cast
+from typing import cast
 
 import redis
 import redis.asyncio
@@ -25,14 +25,14 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.jobstore import PREFIX, RUNNING, job_key
+from app.keys import (
+    RUNNING,
+    job_key,
+    queue_name,
+    submitting_key,
+)
 
 RUN_JOB = "workers.tasks.run_job"
-MODELS_KEY = f"{PREFIX}:models"
-
-
-def queue_name(model: str) -> str:
-    return f"{PREFIX}.{model}"
 
 
 def queue_key(model: str) -> str:
@@ -123,10 +123,6 @@ SUBMITTING_TTL_S = 30
 """A submission counter left by an API process that died mid-request fades after this."""
 
 
-def submitting_key(model: str, kind: str) -> str:
-    return f"{PREFIX}:submitting:{model}:{kind}"
-
-
 class Submission:
     """A submission of ``kind`` for ``model``, counted as in flight from :meth:`open_with` until
     it is queued (:meth:`done_with`, in the queueing transaction) or given up
@@ -201,75 +197,3 @@ def drop(connection: redis.Redis, model: str, job_id: str) -> None:
     model_queue(connection, model).remove(job_id)
     with contextlib.suppress(NoSuchJobError):
         Job.fetch(job_id, connection=connection, serializer=JSONSerializer).delete()
-
-
-WORKERS_KEY = f"{PREFIX}:workers"
-"""Every worker that has beaten, with the time its beat expires (Redis' clock, in ms): an
-index of the heartbeat keys, so that finding the live workers never scans the keyspace."""
-WORKERS_FORGET_MS = 24 * 3600 * 1000
-"""A worker silent this long leaves the index (a dead one is already told by its key)."""
-
-
-def worker_key(worker: str) -> str:
-    return f"{PREFIX}:worker:{worker}"
-
-
-# KEYS[1] = the worker's key, KEYS[2] = the index; ARGV[1] = name, ARGV[2] = info,
-# ARGV[3] = TTL (ms), ARGV[4] = how long a silent worker stays indexed (ms).
-_BEAT = """
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('ZADD', KEYS[2], ms + tonumber(ARGV[3]), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms - tonumber(ARGV[4]))
-return 1
-"""
-
-
-def heartbeat(connection: redis.Redis, worker: str, info: dict[str, Any], ttl_s: float) -> None:
-    """Refresh a worker's presence; it vanishes ``ttl_s`` after the last beat."""
-    args: list[str | int] = [worker, json.dumps(info), int(ttl_s * 1000), WORKERS_FORGET_MS]
-    connection.register_script(_BEAT)(keys=[worker_key(worker), WORKERS_KEY], args=args)
-
-
-def remove_worker(connection: redis.Redis, worker: str) -> None:
-    pipe = connection.pipeline(transaction=False)
-    pipe.delete(worker_key(worker))
-    pipe.zrem(WORKERS_KEY, worker)
-    pipe.execute()
-
-
-def live_workers(connection: redis.Redis) -> dict[str, dict[str, Any]]:
-    """Workers whose heartbeat has not expired, with what they reported: the index's
-    names, then their keys (one round trip each, whatever the keyspace holds)."""
-    names = [n.decode() for n in cast("list[bytes]", connection.zrange(WORKERS_KEY, 0, -1))]
-    if not names:
-        return {}
-    values = cast("list[bytes | None]", connection.mget([worker_key(n) for n in names]))
-    return {n: json.loads(v) for n, v in zip(names, values, strict=True) if v is not None}
-
-
-def publish_model_info(connection: redis.Redis, name: str, info: dict[str, Any]) -> None:
-    connection.hset(MODELS_KEY, name, json.dumps(info))
-
-
-def model_infos(connection: redis.Redis) -> dict[str, dict[str, Any]]:
-    infos = cast("dict[bytes, bytes]", connection.hgetall(MODELS_KEY))
-    return {k.decode(): json.loads(v) for k, v in infos.items()}
-
-
-def tokenizer_key(sha256: str) -> str:
-    """A published tokenizer, by the hash of its content (``ModelInfo.tokenizer_sha256``):
-    models that share one share the key."""
-    return f"{PREFIX}:tokenizer:{sha256}"
-
-
-def publish_tokenizer(connection: redis.Redis, sha256: str, blob: bytes) -> None:
-    """Store a tokenizer (``app.tokens.pack``) once: megabytes for a large vocabulary, so
-    not again when a worker loads the model again, or another worker loads it."""
-    if not connection.exists(tokenizer_key(sha256)):
-        connection.set(tokenizer_key(sha256), blob)
-
-
-def published_tokenizer(connection: redis.Redis, sha256: str) -> bytes | None:
-    return cast("bytes | None", connection.get(tokenizer_key(sha256)))

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import redis
 from tokenizers import Tokenizer
 
-from app import queue
+from app import presence
 from app.core.jobsize import Encode
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class TokenizerCache:
             found, tokenizer = self._lookup(sha256)
             if found:
                 return tokenizer
-            blob = queue.published_tokenizer(connection, sha256)
+            blob = presence.published_tokenizer(connection, sha256)
             if blob is None:
                 return None
             try:

@@ -5,7 +5,7 @@ weights, on the GPU) and measures, in bfloat16 and in float32:
 
 - score throughput in tokens per second at batch 1, 16 and 64 (texts of 128 tokens);
 - the speed-up of cross-job batching: 16 one-text score jobs through the worker's
-  batcher (``workers/batcher.py``) in one shared pass, against one pass each;
+  batcher (``workers/shared_pass.py``) in one shared pass, against one pass each;
 - a CHG fit's seconds per update at batch 64 (one gate set), lens-server's core
   against ``inteprelens`` 0.2.1 on the same GPU, model, prompts and batch, when the
   seed is importable (``--seed-path DIR`` puts a folder holding it on ``sys.path``);
@@ -39,7 +39,7 @@ from bench.memory import Peak, measure
 from bench.models import texts_of_length
 from bench.report import RESULTS, Row, machine, table, write_section_into
 from bench.shapes import build_shape
-from workers import batcher
+from workers import shared_pass
 from workers.lens import scoring, tracing
 from workers.lens.chg import fit_chg
 from workers.lens.demo import copy_task_examples
@@ -158,14 +158,17 @@ def _measure_dtype(lm: LoadedModel, dtype: str, plan: Plan, seed: Any) -> list[R
 def _batching(lm: LoadedModel, dtype: str, plan: Plan) -> Row:
     """16 one-text score jobs: the worker's shared pass against a pass per job."""
     texts = texts_of_length(lm.tokenizer, JOBS, plan.tokens // 2, seed=2)
-    jobs = [batcher.prepare(lm, ScoreJob(model="m", texts=t)) for t in texts]
+    jobs = [shared_pass.prepare(lm, ScoreJob(model="m", texts=t)) for t in texts]
+
+    def run(items: list[shared_pass.Prepared]) -> None:
+        list(shared_pass.results(lm, items, shared_pass.forward(lm, items)))
 
     def alone() -> None:
         for job in jobs:
-            batcher.run_batch(lm, [job])
+            run([job])
 
     def shared() -> None:
-        batcher.run_batch(lm, jobs)
+        run(jobs)
 
     one_each, _ = _timed(alone, plan.repeats)
     together, peak = _timed(shared, plan.repeats)

@@ -36,7 +36,7 @@ from typing import Any
 import redis
 from transformers import AutoTokenizer
 
-from app import queue
+from app import presence
 from app.core.config import ModelSpec, Settings
 from app.core.redis_server import free_port
 from app.stack import Stack
@@ -196,7 +196,7 @@ def _worker_info(stack: Stack) -> dict[str, Any]:
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            workers = queue.live_workers(conn)
+            workers = presence.live_workers(conn)
             if workers:
                 return next(iter(workers.values()))
             time.sleep(stack.settings.heartbeat_s / 2)

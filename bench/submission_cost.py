@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import redis
 
-from app import queue, tokens
+from app import presence, tokens
 from app.core.config import Limits, ModelSpec, Settings
 from app.core.redis_server import free_port
 from app.stack import Stack
@@ -122,11 +122,11 @@ def _measure(stack: Stack, path: Path, name: str, rounds: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = tokenizer.backend_tokenizer.to_str()
     sha256, blob = tokens.pack(text)
-    queue.publish_tokenizer(conn, sha256, blob)
+    presence.publish_tokenizer(conn, sha256, blob)
     print(f"tokenizer: {len(text) / 1e6:.2f} MB of JSON, {len(blob) / 1e6:.2f} MB published")
     info = shape_info(name)
-    queue.publish_model_info(conn, "counted", info | {"tokenizer_sha256": sha256})
-    queue.publish_model_info(conn, "guessed", info)
+    presence.publish_model_info(conn, "counted", info | {"tokenizer_sha256": sha256})
+    presence.publish_model_info(conn, "guessed", info)
     assert stack.api is not None
     pid = stack.api.pid
     rng = random.Random(0)

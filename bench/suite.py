@@ -37,7 +37,7 @@ import numpy as np
 import redis
 import torch
 
-from app import queue
+from app import presence
 from app.api.routes.jobs import MAX_RESULT_WAIT_S
 from app.blobstore import BlobStore, BlobTensor, blob_metadata
 from app.core.config import Limits, ModelSpec, Settings
@@ -442,7 +442,7 @@ def big_download(client: BenchClient, stack: Stack, size: int) -> list[Row]:
 def cuda_memory(stack: Stack) -> list[Row]:
     """Peak CUDA memory: the worker's (from its heartbeat) and this process's baseline runs."""
     conn = redis.Redis.from_url(stack.settings.redis_url)
-    workers = queue.live_workers(conn)
+    workers = presence.live_workers(conn)
     conn.close()
     peaks = [w.get("registry", {}).get("cuda_max_allocated_bytes") for w in workers.values()]
     worker_peak = max((p for p in peaks if p is not None), default=None)
@@ -526,7 +526,7 @@ def _seed_python() -> str | None:
 def _batching(stack: Stack) -> dict[str, int]:
     """The worker's batching counters, from its latest heartbeat."""
     conn = redis.Redis.from_url(stack.settings.redis_url)
-    workers = queue.live_workers(conn)
+    workers = presence.live_workers(conn)
     conn.close()
     totals: dict[str, int] = {}
     for info in workers.values():

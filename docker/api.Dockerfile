@@ -8,12 +8,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /opt/lens-server
-COPY docker/requirements-api.txt /tmp/requirements-api.txt
-RUN pip install -r /tmp/requirements-api.txt
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
-RUN pip install --no-deps . \
+# The project's own [server] extra: the client's base plus the API's dependencies, no torch,
+# no transformers and no bundled Redis server (compose runs its own).
+RUN pip install ".[server]" \
     && useradd --create-home --uid 10001 --user-group lens \
     && mkdir -p /data \
     && chown lens:lens /data

@@ -13,9 +13,9 @@ WORKDIR /opt/lens-server
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
-# torch comes with the base image (pyproject accepts it); the rest from PyPI, with
+# torch comes with the base image (the [worker] extra accepts it); the rest from PyPI, with
 # accelerate for models spread over several GPUs (device_map).
-RUN pip install ".[multi-gpu]" \
+RUN pip install ".[worker,multi-gpu]" \
     && useradd --create-home --uid 10001 --user-group lens \
     && mkdir -p /data /hf-cache \
     && chown lens:lens /data /hf-cache

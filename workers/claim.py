@@ -26,12 +26,13 @@ import redis
 from pydantic import TypeAdapter
 from rq.job import Job
 
-from app import queue
+from app import keys, queue
 from app.core.config import Limits, ModelSpec
-from app.jobstore import JobRecord, JobStore, job_key
+from app.jobstore import JobRecord, JobStore
+from app.keys import job_key
 from app.kinds import BATCHABLE_KINDS
 from app.schemas import JobDocument, JobRequest, JobStatus
-from workers import batcher, limits
+from workers import limits, shared_pass
 from workers.lens.errors import LensError
 from workers.lens.loading import LoadedModel
 
@@ -53,7 +54,7 @@ class Member:
     """A running job of a shared pass."""
 
     doc: JobDocument
-    prepared: batcher.Prepared
+    prepared: shared_pass.Prepared
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,12 @@ class Footprints:
         while len(self._known) > self.capacity:
             del self._known[next(iter(self._known))]
 
-    def may_fit(self, job_id: str, chosen: Sequence[batcher.Prepared], budget: int) -> bool:
+    def may_fit(self, job_id: str, chosen: Sequence[shared_pass.Prepared], budget: int) -> bool:
         """False if the job is known to be unable to join ``chosen`` within ``budget``."""
         if job_id not in self._known:
             return True
         known = self._known[job_id]
-        return known is not None and batcher.padded_tokens([*chosen, known]) <= budget
+        return known is not None and shared_pass.padded_tokens([*chosen, known]) <= budget
 
 
 @dataclass
@@ -104,7 +105,7 @@ class Claimer:
     footprints: Footprints = field(default_factory=Footprints)
 
     def check_tokens(
-        self, lm: LoadedModel, job: JobRequest, prepared: batcher.Prepared | None
+        self, lm: LoadedModel, job: JobRequest, prepared: shared_pass.Prepared | None
     ) -> None:
         """The operator's token limits, and the job's size estimated from its token counts,
         before any compute; a prepared job's texts are counted from its batch."""
@@ -112,7 +113,7 @@ class Claimer:
         limits.check_job(job, lm, self.limits, self.dataset_dir, counted)
 
     def await_submissions(
-        self, spec: ModelSpec, doc: JobDocument, leader: batcher.Prepared
+        self, spec: ModelSpec, doc: JobDocument, leader: shared_pass.Prepared
     ) -> list[bytes] | None:
         """While the API is taking jobs of ``doc``'s kind for its model (a burst), wait
         until no such submission has been in flight for ``SUBMISSIONS_QUIET_S``, or for
@@ -121,10 +122,10 @@ class Claimer:
         in flight and starts at once. The first check reads the head of the queue too, and
         returns it if nothing was in flight: it is then the claim's first scan."""
         conn = self.store.redis
-        if batcher.is_full([leader], spec.max_batch_tokens):
+        if shared_pass.is_full([leader], spec.max_batch_tokens):
             return None
         pipe = conn.pipeline(transaction=False)
-        pipe.get(queue.submitting_key(doc.model, doc.kind))
+        pipe.get(keys.submitting_key(doc.model, doc.kind))
         pipe.lrange(queue.queue_key(doc.model), 0, CLAIM_SCAN - 1)
         in_flight, head = pipe.execute()
         if not queue.in_flight_count(in_flight):
@@ -146,7 +147,7 @@ class Claimer:
         lm: LoadedModel,
         model: str,
         kinds: Collection[str],
-        chosen: Sequence[batcher.Prepared],
+        chosen: Sequence[shared_pass.Prepared],
         budget: int,
         head: list[bytes] | None = None,
     ) -> list[Member]:
@@ -160,7 +161,7 @@ class Claimer:
         chosen = list(chosen)
         seen: set[str] = set()
         members: list[Member] = []
-        while not batcher.is_full(chosen, budget):
+        while not shared_pass.is_full(chosen, budget):
             queued = head if head is not None else _head(conn, queue_key)
             head = None
             fresh = [i for i in (q.decode() for q in queued) if i not in seen]
@@ -172,7 +173,7 @@ class Claimer:
             )
             planned: list[Member] = []
             for record in filter(None, self.store.get_many(candidates)):  # gone: skip
-                if batcher.is_full(chosen, budget):
+                if shared_pass.is_full(chosen, budget):
                     break
                 prepared = self._fitting(lm, record, chosen, budget)
                 if prepared is not None:
@@ -212,9 +213,9 @@ class Claimer:
         self,
         lm: LoadedModel,
         record: JobRecord,
-        chosen: list[batcher.Prepared],
+        chosen: list[shared_pass.Prepared],
         budget: int,
-    ) -> batcher.Prepared | None:
+    ) -> shared_pass.Prepared | None:
         """A queued job ready for the shared pass, if it is valid and fits beside
         ``chosen``; its footprint is remembered either way."""
         job_id = record.document.id
@@ -227,7 +228,7 @@ class Claimer:
         self.footprints.put(
             job_id, None if prepared is None else KnownFootprint(prepared.rows, prepared.length)
         )
-        if prepared is None or batcher.padded_tokens([*chosen, prepared]) > budget:
+        if prepared is None or shared_pass.padded_tokens([*chosen, prepared]) > budget:
             return None
         return prepared
 
@@ -240,12 +241,12 @@ def parse(doc: JobDocument) -> JobRequest:
     return _requests.validate_python({"kind": doc.kind, "model": doc.model, **doc.params})
 
 
-def prepare(lm: LoadedModel, job: JobRequest) -> batcher.Prepared | None:
+def prepare(lm: LoadedModel, job: JobRequest) -> shared_pass.Prepared | None:
     """The job ready for a shared pass; ``None`` if it is not batchable or is invalid (its
     handler then runs it alone and reports its error)."""
-    if not batcher.batchable(job):
+    if not shared_pass.batchable(job):
         return None
     try:
-        return batcher.prepare(lm, job)
+        return shared_pass.prepare(lm, job)
     except LensError:
         return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from app.blobstore import BlobStore
+from app.datasets import DatasetStore
 from app.jobstore import JobStore
 from app.schemas import JobProgress
 from workers.lens.errors import Cancelled, InvalidParameter
@@ -69,11 +69,10 @@ class JobContext:
 
     def dataset(self, field: str, dataset_id: str) -> tuple[list[str], list[str]]:
         """Prompts and targets of an uploaded data set (the API checked it exists and is ours)."""
-        path = self.dataset_dir / f"{dataset_id}.json"
-        if len(dataset_id) != 32 or not path.is_file():
+        found = DatasetStore(self.dataset_dir).prompts_and_targets(dataset_id)
+        if found is None:
             raise InvalidParameter(field, f"data set {dataset_id!r} not found")
-        rows = json.loads(path.read_text())
-        return [r["prompt"] for r in rows], [r["target"] for r in rows]
+        return found
 
     def job_tensors(
         self, field: str, job_id: str, names: tuple[str, ...]

@@ -22,7 +22,7 @@ from app.schemas import (
 )
 from workers.context import JobContext
 from workers.lens import ablation, attribution, cchg, chg, gradients, scoring, tracing
-from workers.lens.data import generate_pattern
+from workers.lens.prompt_targets import generate_pattern
 from workers.lens.results import AnalysisResult
 from workers.lens.taxonomy import heads_to_keep
 

@@ -2,10 +2,8 @@
 
 By default glibc gives large freed blocks back to the kernel (each block over a few MB
 is its own ``mmap``, and the top of the heap is trimmed), so the next job of the same
-shape faults every page in again, zero-filled by the kernel. On the benchmark's VM a
-fault costs about 8 µs: copying 17 MB into fresh memory took 33 ms against 6 ms into
-reused memory, and a worker running the same score job in a row faulted 700–10,700
-times in 5 jobs of 8 (the slowest ones), almost never with this set. A worker runs
+shape faults every page in again, zero-filled by the kernel, and those faults made the
+slowest jobs (docs/performance.md, "Freed memory kept for the next job"). A worker runs
 jobs of similar shapes over and over; it keeps what it frees, as PyTorch's caching
 allocator does on a GPU.
 """

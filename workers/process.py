@@ -44,7 +44,7 @@ from rq.worker import SimpleWorker
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from app import queue, tokens
+from app import keys, presence, tokens
 from app.blobstore import BlobStore
 from app.core.config import Settings
 from app.jobstore import JobStore, RunningJob
@@ -55,6 +55,7 @@ from workers import limits, tasks
 from workers.malloc import keep_freed_memory
 from workers.registry import ModelRegistry, describe
 from workers.rq_guard import ForeignJob, LensJob
+from workers.runtime import Runtime
 from workers.threads import apply_thread_budget, thread_budget
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,11 @@ class _Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         conn = self.store.redis
-        queue.heartbeat(conn, self.worker, self.info(), ttl_s=self.settings.worker_ttl_s)
-        published = queue.model_infos(conn)
+        presence.heartbeat(conn, self.worker, self.info(), ttl_s=self.settings.worker_ttl_s)
+        published = presence.model_infos(conn)
         for model, shape in self.shapes.items():
             if "error" in published.get(model, {}):
-                queue.publish_model_info(conn, model, shape)
+                presence.publish_model_info(conn, model, shape)
         self.reap()
 
     def run(self) -> None:
@@ -268,12 +269,12 @@ def run_worker(
     )
     shapes, failed = _load_at_start(conn, registry, names)
     for model, shape in shapes.items():
-        queue.publish_model_info(conn, model, shape)
+        presence.publish_model_info(conn, model, shape)
     _publish_failures(conn, registry, failed)
     serving = [m for m in names if m in shapes]
     limits.apply_memory_limits(settings, list(registry.loaded.values()))
     tasks.install(
-        tasks.Runtime(
+        Runtime(
             worker_name=name,
             registry=registry,
             store=store,
@@ -319,7 +320,7 @@ def run_worker(
     finally:
         heartbeat.stopped.set()
         with contextlib.suppress(redis.RedisError):
-            queue.remove_worker(conn, name)
+            presence.remove_worker(conn, name)
         log.info("worker %s stopped", name)
 
 
@@ -374,7 +375,7 @@ def publish_tokenizer(conn: redis.Redis, tokenizer: PreTrainedTokenizerBase) -> 
     if not same:
         log.warning("tokenizer not published: it counts otherwise through tokenizers alone")
         return None
-    queue.publish_tokenizer(conn, sha256, blob)
+    presence.publish_tokenizer(conn, sha256, blob)
     return sha256
 
 
@@ -383,10 +384,10 @@ def _publish_failures(conn: redis.Redis, registry: ModelRegistry, failed: dict[s
     unless a live worker serves it: that worker clears the mark at its next beat anyway."""
     if not failed:
         return
-    served = {m for info in queue.live_workers(conn).values() for m in info.get("models", [])}
+    served = {m for info in presence.live_workers(conn).values() for m in info.get("models", [])}
     for model, reason in failed.items():
         if model not in served:
-            queue.publish_model_info(
+            presence.publish_model_info(
                 conn,
                 model,
                 {"name": model, "source": registry.specs[model].source, "error": reason},
@@ -426,7 +427,7 @@ def _work(
         worker = LensWorker(
             [
                 Queue(
-                    queue.queue_name(m),
+                    keys.queue_name(m),
                     connection=conn,
                     serializer=JSONSerializer,
                     job_class=LensJob,

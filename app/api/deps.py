@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from typing import Annotated
 
 import redis
@@ -20,6 +19,7 @@ from app.blobstore import BlobStore
 from app.core.config import Settings
 from app.events import EventHub
 from app.jobstore import ANONYMOUS, JobRecord, JobStore
+from app.keys import is_job_id
 
 
 async def get_settings(request: Request) -> Settings:
@@ -53,7 +53,6 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 EventsDep = Annotated[EventHub, Depends(get_events)]
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _bearer = HTTPBearer(auto_error=False, description="An API key, when the server has keys.")
 
 
@@ -105,7 +104,7 @@ OwnerDep = Annotated[str, Depends(get_owner)]
 
 async def get_owned_job(job_id: str, owner: OwnerDep, aconn: AsyncRedisDep) -> JobRecord:
     """The job if it exists and is the caller's; else 404 (never 403: ids stay private)."""
-    record = await JobStore.get_async(aconn, job_id) if _JOB_ID.match(job_id) else None
+    record = await JobStore.get_async(aconn, job_id) if is_job_id(job_id) else None
     if record is None or record.owner != owner:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
     return record

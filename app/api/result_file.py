@@ -2,13 +2,11 @@
 
 Starlette's ``FileResponse`` reads every chunk in a worker thread. For a result the
 worker has just written, the data is in the page cache, so those hops are most of the
-cost: 17 MB took 13 ms over loopback that way and 7 ms read here, in the event loop.
-A chunk that ``RWF_NOWAIT`` probes find in the page cache is not even read: the socket
-takes it straight from a mapping of the file, which saves a copy (a real job's 17 MB
-result over loopback: 9.0 and 9.3 ms against 10.5 and 12.4 ms read with ``pread``,
-medians of 60 in alternating runs). A chunk not cached (an old result evicted to
-disk), or any chunk without ``RWF_NOWAIT``, is read in a thread, so the loop never
-waits on the disk. Result files are never changed in place (written aside, then
+cost. A chunk that ``RWF_NOWAIT`` probes find in the page cache is not even read: the
+socket takes it straight from a mapping of the file, which saves a copy. A chunk not
+cached (an old result evicted to disk), or any chunk without ``RWF_NOWAIT``, is read in
+a thread, so the loop never waits on the disk (the measurements: docs/performance.md,
+"Figures behind code choices"). Result files are never changed in place (written aside, then
 renamed), so a mapping never sees its file shrink.
 """
 
@@ -25,9 +23,7 @@ from starlette.responses import FileResponse
 from starlette.types import Receive, Scope, Send
 
 CHUNK_BYTES = 1 << 20
-"""Sent at a time. Read with ``pread``, 4 MiB chunks were slower here (12.6 against 6.7 ms
-for 17 MB); sent from the mapping, 1 and 4 MiB took the same (8.3–9.4 ms), 256 KiB longer
-(10.2–12.5 ms)."""
+"""Sent at a time: the fastest size measured (docs/performance.md)."""
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux ≥ 4.14
 

@@ -12,8 +12,9 @@ from fastapi import HTTPException, status
 from app.api.errors import field_error
 from app.core import jobsize
 from app.core.config import Limits
-from app.core.jobsize import DatasetSize, pattern_samples, text_fields
 from app.core.jobsize import dataset_fields as dataset_fields  # the routes' use
+from app.core.jobsize import pattern_samples, text_fields
+from app.datasets import DatasetSize
 from app.jobstore import JobStore
 from app.schemas import (
     CchgJob,

@@ -9,12 +9,14 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from app.cli import jobs
-from app.core.config import CONFIG_ENV, Settings, get_settings, parse_model_arg, read_keys_file
+
+if TYPE_CHECKING:
+    from app.core.config import Settings
 
 app = typer.Typer(
     name="lens",
@@ -52,6 +54,8 @@ def load_settings(
     api_keys: Path | None = None,
 ) -> Settings:
     """Settings from flags over environment over the config file."""
+    from app.core.config import CONFIG_ENV, Settings, get_settings, parse_model_arg, read_keys_file
+
     if config is not None:
         os.environ[CONFIG_ENV] = str(config.resolve())
     get_settings.cache_clear()
@@ -144,12 +148,13 @@ def serve(
     ] = False,
 ) -> None:
     """All-in-one: its own Redis (unless --redis-url), the API and N workers; Ctrl-C stops all."""
-    from app.stack import Stack
+    with _needs_extra("serve"):
+        from app.stack import Stack
 
-    settings = load_settings(
-        config=config, models=model, redis_url=redis_url, data_dir=data_dir, host=host, port=port,
-        api_keys=api_keys,
-    )  # fmt: skip
+        settings = load_settings(
+            config=config, models=model, redis_url=redis_url, data_dir=data_dir, host=host,
+            port=port, api_keys=api_keys,
+        )  # fmt: skip
     _check_exposure(settings, allow_unauthenticated)
     if not settings.models:
         raise typer.BadParameter("serve at least one model", param_hint="--model")
@@ -194,6 +199,21 @@ def _report_failed(failed: dict[str, str], settings: Settings) -> None:
 
 
 @contextmanager
+def _needs_extra(extra: str) -> Iterator[None]:
+    """The service's commands in a client-only install (``pip install lens-server``): one
+    line naming the extra to install, not a traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        typer.echo(
+            f"error: this command needs lens-server[{extra}] ({exc.name} is not installed): "
+            f"pip install 'lens-server[{extra}]'",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
+@contextmanager
 def _children_reported() -> Iterator[None]:
     """A child process that exits for good, or a service never ready: its reason in a line
     on stderr and exit status 1, not a traceback."""
@@ -218,14 +238,15 @@ def api(
     allow_unauthenticated: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """The HTTP API alone (for compose and multi-host deployments)."""
-    import uvicorn
+    with _needs_extra("server"):
+        import uvicorn
 
-    from app.main import create_app
+        from app.main import create_app
 
-    settings = load_settings(
-        config=config, models=model, redis_url=redis_url, data_dir=data_dir, host=host, port=port,
-        api_keys=api_keys,
-    )  # fmt: skip
+        settings = load_settings(
+            config=config, models=model, redis_url=redis_url, data_dir=data_dir, host=host,
+            port=port, api_keys=api_keys,
+        )  # fmt: skip
     _check_exposure(settings, allow_unauthenticated)
     os.umask(PRIVATE_UMASK)
     sock = _listen(settings.host, settings.port)
@@ -259,9 +280,12 @@ def worker(
     # Before torch loads OpenMP: its threads sleep between operations instead of spinning,
     # which on a host shared with the API, Redis and other workers starves them all.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from workers.process import run_worker
+    with _needs_extra("worker"):
+        from workers.process import run_worker
 
-    settings = load_settings(config=config, models=model, redis_url=redis_url, data_dir=data_dir)
+        settings = load_settings(
+            config=config, models=model, redis_url=redis_url, data_dir=data_dir
+        )
     os.umask(PRIVATE_UMASK)
     _logging("worker", settings)
     run_worker(settings, serves, name, burst=burst)
@@ -277,7 +301,8 @@ def demo(
     """Build the demo model, start the service on it, and run score, trace, chg and ablate jobs."""
     from rich.console import Console
 
-    from app.cli.demo import run_demo
+    with _needs_extra("serve"):
+        from app.cli.demo import run_demo
 
     with _children_reported():
         run_demo(data_dir, num_updates=updates, console=Console())

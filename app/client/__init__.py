@@ -6,8 +6,9 @@
     results = lens.fit(texts=[...], targets=[...], num_masks=1)   # blocks, shows progress
     results.head_taxonomy()
 
-Needs httpx, numpy, safetensors and tqdm; never imports torch, transformers or
-fastapi (results are torch tensors only when torch is installed).
+Installed alone with ``pip install lens-server`` (httpx, numpy, tqdm; no torch, no server);
+never imports torch, transformers or fastapi (results are torch tensors only when torch
+is installed).
 """
 
 from app.client._http import RetryPolicy

@@ -16,7 +16,6 @@ peak; it is a model of the computation, not a measurement, and errs low rather t
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import Limits
+from app.datasets import DatasetSize, DatasetStore
 from app.kinds import JobKind
 from app.schemas import (
     DATASET,
@@ -189,11 +189,10 @@ def texts_to_count(job: JobRequest, dataset_dir: Path) -> Iterator[tuple[str, li
     since, has none)."""
     yield from text_fields(job).items()
     for field, dataset_id in dataset_fields(job).items():
-        path = dataset_dir / f"{dataset_id}.json"
-        if path.is_file():
-            rows = json.loads(path.read_text())
-            yield f"{field}.prompt", [r["prompt"] for r in rows]
-            yield f"{field}.target", [r["target"] for r in rows]
+        found = DatasetStore(dataset_dir).prompts_and_targets(dataset_id)
+        if found is not None:
+            yield f"{field}.prompt", found[0]
+            yield f"{field}.target", found[1]
 
 
 def count_tokens(
@@ -261,17 +260,6 @@ def _chunks(texts: list[str]) -> Iterable[list[str]]:
 def guess_tokens(text: str, cap: int | None = None) -> int:
     """The API's guess of a text's token count (see ``BYTES_PER_TOKEN``), at most ``cap``."""
     return _guess_bytes(len(text.encode()), cap)
-
-
-@dataclass(frozen=True)
-class DatasetSize:
-    """What sizes an uploaded data set, as its record keeps it: rows, the longest prompt
-    or target in characters, and the longest prompt and target in bytes."""
-
-    rows: int
-    longest_chars: int = 0
-    prompt_bytes: int = 0
-    target_bytes: int = 0
 
 
 def guessed_tokens(

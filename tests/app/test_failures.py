@@ -9,13 +9,13 @@ from pathlib import Path
 import redis
 import torch
 
-from app import queue
+from app import presence, queue
 from app.blobstore import BlobStore
 from app.core.config import ModelSpec, Settings
 from app.jobstore import JobStore
 from app.maintenance import Reaper, reap_lost_jobs
 from app.schemas import JobDocument, JobProgress, JobStatus
-from workers import tasks
+from workers import outcomes, tasks
 from workers.lens.results import AnalysisResult
 from workers.process import _Shutdown, served_models
 from workers.registry import ModelRegistry
@@ -32,7 +32,7 @@ def test_a_lost_job_fails_with_worker_lost(redis_conn: redis.Redis) -> None:
     alive, lost = make(store), make(store)
     store.start(alive, "w-alive")
     store.start(lost, "w-dead")
-    queue.heartbeat(redis_conn, "w-alive", {}, ttl_s=10)
+    presence.heartbeat(redis_conn, "w-alive", {}, ttl_s=10)
     assert reap_lost_jobs(store, SETTINGS) == [lost]
     record = store.get(lost)
     assert record is not None and record.document.status is JobStatus.FAILED
@@ -143,13 +143,13 @@ def test_a_job_its_live_worker_no_longer_runs_is_settled(redis_conn: redis.Redis
     job_id = make(api)
     started = worker.start(job_id, "w1")
     assert started is not None and worker.holding()["jobs"] == [job_id]
-    queue.heartbeat(redis_conn, "w1", {"holding": worker.holding()}, ttl_s=10)
+    presence.heartbeat(redis_conn, "w1", {"holding": worker.holding()}, ttl_s=10)
     assert reap_lost_jobs(api, SETTINGS) == []
     (entry,) = api.running()
     before = {"jobs": [], "at": (entry.since or 0) - 1}
-    queue.heartbeat(redis_conn, "w1", {"holding": before}, ttl_s=10)
+    presence.heartbeat(redis_conn, "w1", {"holding": before}, ttl_s=10)
     assert reap_lost_jobs(api, SETTINGS) == [], "a list from before its start proves nothing"
-    queue.heartbeat(redis_conn, "w1", {"holding": {"jobs": [], "at": time.time()}}, ttl_s=10)
+    presence.heartbeat(redis_conn, "w1", {"holding": {"jobs": [], "at": time.time()}}, ttl_s=10)
     assert reap_lost_jobs(api, SETTINGS) == [job_id]
     record = api.get(job_id)
     assert record is not None and record.document.status is JobStatus.FAILED
@@ -180,7 +180,7 @@ def test_a_stale_attempt_can_neither_write_nor_delete_the_current_result(
             blobs=blobs, dataset_dir=tmp_path, result_ttl_s=100,
         )  # fmt: skip
         result = AnalysisResult(tensors={"x": torch.full((2,), value)}, summary={"v": value})
-        tasks._deliver(rt, doc, result)
+        outcomes.deliver(rt, doc, result)
 
     deliver(w2, second.document, 2.0)
     current = blobs.path(job_id, 1).read_bytes()

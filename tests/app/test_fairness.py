@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 
 from app import queue
-from app.jobstore import JobStore, new_job_id
+from app.jobstore import JobStore
+from app.keys import new_job_id
 from app.schemas import JobStatus
 
 

@@ -7,7 +7,8 @@ import time
 
 import redis
 
-from app.jobstore import ANONYMOUS, JobStore, events_channel, job_key, new_job_id
+from app.jobstore import ANONYMOUS, JobStore
+from app.keys import events_channel, job_key, new_job_id
 from app.schemas import JobError, JobProgress, JobStatus
 
 

@@ -15,7 +15,7 @@ import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import queue
+from app import presence, queue
 from app.core.config import ModelSpec, Settings
 from app.core.redis_server import RedisServer, free_port
 from app.jobstore import DURATION_BUCKETS_S, JobStore
@@ -56,7 +56,7 @@ def test_metrics_read_jobs_queues_and_workers_from_redis(
             redis_conn, "b", store.create(kind="trace", model="b", owner="o", params={}).id, 60
         )
     gpu = {"device": "cuda:0", "allocated": 1024, "reserved": 2048, "total": 8192}
-    queue.heartbeat(
+    presence.heartbeat(
         redis_conn,
         "w1",
         {"models": ["a"], "resident": ["a"], "load_seconds": {"a": 1.5}, "gpus": [gpu]},

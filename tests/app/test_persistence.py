@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from app.blobstore import BlobStore
 from app.core.config import ModelSpec, Settings
 from app.core.redis_server import RedisServer
-from app.jobstore import ANONYMOUS, JobStore, owner_index
+from app.jobstore import ANONYMOUS, JobStore
+from app.keys import owner_index
 from app.main import create_app
 from app.maintenance import sweep
 from app.schemas import JobStatus

@@ -19,7 +19,7 @@ import redis.asyncio
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from app import queue
+from app import presence
 from app.api.routes import jobs
 from app.blobstore import BlobStore
 from app.core.redis_server import RedisServer
@@ -33,7 +33,7 @@ CONTENT = os.urandom(3000)
 
 @pytest.fixture
 def running(redis_conn: redis.Redis, tmp_path: Path) -> tuple[JobStore, BlobStore, str]:
-    queue.heartbeat(redis_conn, "w", {}, ttl_s=60)  # alive: the API reaps no orphan
+    presence.heartbeat(redis_conn, "w", {}, ttl_s=60)  # alive: the API reaps no orphan
     store = JobStore(redis_conn, worker="w")
     job_id = store.create(kind="score", model="m", owner=ANONYMOUS, params={}).id
     assert store.start(job_id, "w") is not None

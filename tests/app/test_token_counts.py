@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from app import queue, tokens
+from app import keys, presence, tokens
 from app.core.config import Limits
 from app.core.redis_server import RedisServer
 from tests.conftest import JSONL, api_client
@@ -37,9 +37,9 @@ def publish(conn: redis.Redis, tokenizer: Tokenizer | None = None) -> None:
     info: dict[str, Any] = dict(SHAPE)
     if tokenizer is not None:
         sha256, blob = tokens.pack(tokenizer.to_str())
-        queue.publish_tokenizer(conn, sha256, blob)
+        presence.publish_tokenizer(conn, sha256, blob)
         info["tokenizer_sha256"] = sha256
-    queue.publish_model_info(conn, "m", info)
+    presence.publish_model_info(conn, "m", info)
 
 
 def test_the_estimate_is_exact_with_the_published_tokenizer(
@@ -97,11 +97,11 @@ def test_an_unreadable_or_missing_tokenizer_leaves_the_guess(
     redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
     """A tokenizer a newer ``tokenizers`` wrote, say: the API guesses, as without one."""
-    queue.publish_tokenizer(redis_conn, "0" * 64, b"not a tokenizer")
+    presence.publish_tokenizer(redis_conn, "0" * 64, b"not a tokenizer")
     job = {"kind": "score", "model": "m", "texts": CJK}
     with api_client(redis_server, tmp_path, keys=[]) as client:
         for sha256 in ("0" * 64, "1" * 64):
-            queue.publish_model_info(redis_conn, "m", SHAPE | {"tokenizer_sha256": sha256})
+            presence.publish_model_info(redis_conn, "m", SHAPE | {"tokenizer_sha256": sha256})
             r = client.post("/v1/jobs", json=job)
             assert r.status_code == 202, r.text
             assert r.json()["estimate"]["tokens"] == "guessed"
@@ -114,9 +114,9 @@ def test_the_cache_keeps_the_most_recently_used(redis_conn: redis.Redis) -> None
     hashes = []
     for tokenizer in (first, second):
         sha256, blob = tokens.pack(tokenizer.to_str())
-        queue.publish_tokenizer(redis_conn, sha256, blob)
+        presence.publish_tokenizer(redis_conn, sha256, blob)
         assert cache.get(redis_conn, sha256) is not None
         hashes.append(sha256)
-    redis_conn.delete(*(queue.tokenizer_key(h) for h in hashes))
+    redis_conn.delete(*(keys.tokenizer_key(h) for h in hashes))
     assert cache.get(redis_conn, hashes[1]) is not None  # kept
     assert cache.get(redis_conn, hashes[0]) is None  # dropped, and gone from Redis

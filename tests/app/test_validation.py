@@ -10,7 +10,7 @@ import redis
 import redis.asyncio.connection
 import redis.connection
 
-from app import queue, tokens
+from app import presence, tokens
 from app.core.redis_server import RedisServer
 from tests.app.test_token_counts import word_tokenizer
 from tests.conftest import api_client
@@ -45,7 +45,7 @@ def test_parameters_are_checked_against_the_models_shape(
     redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
     shape = {"name": "m", "source": "/nowhere", "layers": 2, "heads": 4, "vocab_size": 87}
-    queue.publish_model_info(redis_conn, "m", shape)
+    presence.publish_model_info(redis_conn, "m", shape)
     with api_client(redis_server, tmp_path, keys=[]) as client:
         too_many = _post(client, '{"kind": "score", "model": "m", "texts": "a", "top_k": 88}')
         all_of_them = _post(client, '{"kind": "score", "model": "m", "texts": "a", "top_k": 87}')
@@ -72,9 +72,9 @@ def test_a_submission_reads_and_queues_in_two_round_trips(
     before it can start. A refused submission's count goes down again. The model's
     tokenizer is read once, by the first submission."""
     sha256, blob = tokens.pack(word_tokenizer().to_str())
-    queue.publish_tokenizer(redis_conn, sha256, blob)
+    presence.publish_tokenizer(redis_conn, sha256, blob)
     info = {"name": "m", "source": "/nowhere", "vocab_size": 87, "tokenizer_sha256": sha256}
-    queue.publish_model_info(redis_conn, "m", info)
+    presence.publish_model_info(redis_conn, "m", info)
     sent: list[str] = []
     for connection in (redis.connection.Connection, redis.asyncio.connection.Connection):
         original = connection.send_packed_command

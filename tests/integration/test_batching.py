@@ -23,7 +23,7 @@ from rq.worker import SimpleWorker
 from safetensors import safe_open
 from safetensors.torch import load, load_file
 
-from app import queue
+from app import keys, presence, queue
 from app.blobstore import BlobStore
 from app.core.config import ModelSpec
 from app.jobstore import JobStore
@@ -31,7 +31,7 @@ from app.schemas import JobStatus, ScoreJob, TraceJob
 from app.stack import Stack
 from tests.conftest import DEMO, service_settings
 from tests.workers.test_batcher import alone
-from workers import batcher, tasks
+from workers import shared_pass, tasks
 from workers.lens.loading import LoadedModel, load_model
 from workers.lens.scoring import score
 from workers.lens.testing import build_tiny_model
@@ -173,7 +173,7 @@ def test_jobs_still_being_submitted_join_the_pass_that_is_starting(
     later_ids: list[str] = []
 
     def api_busy_with_a_burst() -> None:
-        in_flight = queue.submitting_key(MODEL, "score")
+        in_flight = keys.submitting_key(MODEL, "score")
         rt.store.redis.incr(in_flight)
         while rt.store.get(first).document.status is not JobStatus.RUNNING:
             time.sleep(0.01)
@@ -196,7 +196,7 @@ def test_with_nothing_in_flight_a_job_starts_at_once(
     rt: tasks.Runtime, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wait_ms(registry, 10_000, monkeypatch)
-    rt.store.redis.set(queue.submitting_key(MODEL, "trace"), 1)  # another kind: no reason
+    rt.store.redis.set(keys.submitting_key(MODEL, "trace"), 1)  # another kind: no reason
     job_id = submit(rt, ScoreJob(model=MODEL, texts=SHORT))
     started = time.monotonic()
     work(rt)
@@ -259,14 +259,14 @@ def test_a_job_cancelled_while_queued_is_not_taken(rt: tasks.Runtime) -> None:
 def test_a_shared_pass_out_of_memory_runs_each_job_on_its_own(
     rt: tasks.Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = batcher.forward
+    real = shared_pass.forward
 
-    def small_memory(lm: LoadedModel, items: list[batcher.Prepared]) -> batcher.SharedPass:
+    def small_memory(lm: LoadedModel, items: list[shared_pass.Prepared]) -> shared_pass.SharedPass:
         if len(items) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(lm, items)
 
-    monkeypatch.setattr(batcher, "forward", small_memory)
+    monkeypatch.setattr(shared_pass, "forward", small_memory)
     jobs = [ScoreJob(model=MODEL, texts=t, temperature=2.0) for t in (SHORT, LONG, MEDIUM)]
     ids = [submit(rt, job) for job in jobs]
     work(rt)
@@ -320,8 +320,8 @@ def _worker_info(conn: redis.Redis, worker: str, timeout: float = 10) -> dict[st
     """The worker's heartbeat once it reports a batch (it beats every 0.5 s here)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = queue.live_workers(conn).get(worker, {})
+        info = presence.live_workers(conn).get(worker, {})
         if info.get("batching", {}).get("passes"):
             return info
         time.sleep(0.1)
-    raise AssertionError(f"no batching stats from {worker}: {queue.live_workers(conn)}")
+    raise AssertionError(f"no batching stats from {worker}: {presence.live_workers(conn)}")

@@ -16,7 +16,7 @@ import redis
 from app.core.config import Limits, ModelSpec, Settings
 from app.core.redis_server import RedisServer, free_port, start_redis
 from app.events import LOST, READY_TIMEOUT_S, EventHub
-from app.jobstore import events_channel
+from app.keys import events_channel
 from app.stack import Stack
 
 WAITERS = 60

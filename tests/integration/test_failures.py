@@ -17,7 +17,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import queue
+from app import presence
 from app.core.redis_server import start_redis
 from app.stack import Stack
 from tests.conftest import DEMO, running_stack, service_settings
@@ -191,4 +191,4 @@ def test_a_worker_killed_mid_fit_fails_its_job_within_the_bound(
     assert detected <= BOUND_S + SLACK_S
     assert not http.get(f"/v1/models/{DEMO}").json()["worker_alive"]
     conn = redis.Redis.from_url(stack.settings.redis_url)
-    assert queue.live_workers(conn) == {} and conn.hlen("lens:running") == 0
+    assert presence.live_workers(conn) == {} and conn.hlen("lens:running") == 0

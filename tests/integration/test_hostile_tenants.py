@@ -26,7 +26,7 @@ from pydantic import SecretStr
 
 from app.core.config import Limits
 from app.core.redis_server import start_redis
-from app.jobstore import RUNNING, job_key
+from app.keys import RUNNING, job_key
 from app.stack import Stack
 from tests.conftest import DEMO, running_stack, service_settings
 from tests.integration.test_failures import final, fitting, poll

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from app import queue
+from app import presence
 from app.core.redis_server import PASSWORD_FILE, RedisServer, free_port
 from app.stack import MAX_QUICK_EXITS, ChildExited, Stack
 from tests.conftest import DEMO, service_settings
@@ -74,11 +74,11 @@ def test_a_worker_or_redis_that_dies_is_started_again_and_jobs_go_on(
         assert shown, out.read_text()
         password = (data / "redis" / PASSWORD_FILE).read_text().strip()
         conn = redis.Redis(host="127.0.0.1", port=int(shown.group(2)), password=password)
-        (first,) = queue.live_workers(conn).values()
+        (first,) = presence.live_workers(conn).values()
         os.kill(first["pid"], signal.SIGKILL)
 
         def restarted() -> bool:
-            pids = {w["pid"] for w in queue.live_workers(conn).values()}
+            pids = {w["pid"] for w in presence.live_workers(conn).values()}
             return bool(pids - {first["pid"]})
 
         _until(restarted, 120, "new worker")

@@ -123,10 +123,10 @@ def test_two_jobs_load_the_model_once(http: httpx.Client, service: Stack) -> Non
         assert wait(http, submit(http, kind="score", texts="one")["id"])["status"] == "succeeded"
     import redis
 
-    from app import queue
+    from app import presence
 
     conn = redis.Redis.from_url(service.settings.redis_url)
-    workers = queue.live_workers(conn)
+    workers = presence.live_workers(conn)
     assert workers and all(w["loads"] == {DEMO: 1} for w in workers.values())
     assert all(w["worker_threads"] == 1 for w in workers.values()), "the worker_threads setting"
     assert all(w["omp_wait_policy"] == "PASSIVE" for w in workers.values()), "lens worker sets it"
@@ -167,7 +167,7 @@ def test_bad_parameters_are_422_naming_the_field(
 def test_submissions_in_flight_count_back_to_zero(http: httpx.Client, service: Stack) -> None:
     """Refused submissions (checked before or after the count goes up) and queued ones
     alike leave no count behind: a leftover would hold up every batchable job."""
-    from app import queue
+    from app import keys
 
     bodies = [
         {"kind": "score", "texts": "one two"},
@@ -179,7 +179,7 @@ def test_submissions_in_flight_count_back_to_zero(http: httpx.Client, service: S
         http.post("/v1/jobs", json={"model": DEMO, **body})
     conn = redis.Redis.from_url(service.settings.redis_url)
     for kind in ("score", "trace"):
-        assert int(conn.get(queue.submitting_key(DEMO, kind)) or 0) == 0, kind
+        assert int(conn.get(keys.submitting_key(DEMO, kind)) or 0) == 0, kind
 
 
 def test_unknown_job_is_404(http: httpx.Client) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.schemas import ScoreJob, TraceJob
-from workers import batcher
+from workers import shared_pass
 from workers.lens.errors import ContextTooLong, InvalidParameter
 from workers.lens.loading import LoadedModel, load_model
 from workers.lens.results import AnalysisResult
@@ -20,6 +20,13 @@ SHORT = "a b a"
 MEDIUM = "The capital of France is Paris"
 LONG = "Once upon a time there was a little model that learned to count."
 TOO_LONG = " ".join(["seven"] * 80)
+
+
+def run_batch(
+    lm: LoadedModel, items: list[shared_pass.Prepared]
+) -> list[AnalysisResult | Exception]:
+    """The worker's shared pass then every job's split, as the worker runs them."""
+    return list(shared_pass.results(lm, items, shared_pass.forward(lm, items)))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +82,7 @@ def alone(lm: LoadedModel, job: ScoreJob | TraceJob) -> AnalysisResult:
 
 
 def run_together(lm: LoadedModel, jobs: list[ScoreJob | TraceJob]) -> list[AnalysisResult]:
-    outcomes = batcher.run_batch(lm, [batcher.prepare(lm, job) for job in jobs])
+    outcomes = run_batch(lm, [shared_pass.prepare(lm, job) for job in jobs])
     assert all(isinstance(o, AnalysisResult) for o in outcomes), outcomes
     return outcomes  # type: ignore[return-value]
 
@@ -90,7 +97,7 @@ def test_score_jobs_of_different_lengths_and_options_get_what_they_get_alone(
         ScoreJob(model="m", texts=[SHORT, MEDIUM], top_k=5),
         ScoreJob(model="m", texts=[MEDIUM], top_k=3, final_token_only=True),
     ]
-    prepared = [batcher.prepare(lm, job) for job in jobs]
+    prepared = [shared_pass.prepare(lm, job) for job in jobs]
     assert len({p.length for p in prepared}) == 3  # the shared pass pads most of them
     for job, got in zip(jobs, run_together(lm, jobs), strict=True):
         assert_same(got, alone(lm, job))
@@ -142,7 +149,7 @@ def test_prepare_rejects_what_the_job_alone_rejects(
     lm: LoadedModel, job: ScoreJob | TraceJob, error: type[Exception], field: str
 ) -> None:
     with pytest.raises(error) as caught:
-        batcher.prepare(lm, job)
+        shared_pass.prepare(lm, job)
     assert caught.value.field == field  # type: ignore[attr-defined]
     with pytest.raises(error) as caught:
         alone(lm, job)
@@ -152,19 +159,19 @@ def test_prepare_rejects_what_the_job_alone_rejects(
 def test_a_failing_split_fails_only_its_job(
     lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = batcher._score_result
+    real = shared_pass._score_result
 
-    def flaky(lm: LoadedModel, item: batcher.Prepared, job: ScoreJob, raw: torch.Tensor):
+    def flaky(lm: LoadedModel, item: shared_pass.Prepared, job: ScoreJob, raw: torch.Tensor):
         if job.temperature == 3.0:
             raise RuntimeError("boom")
         return real(lm, item, job, raw)
 
-    monkeypatch.setattr(batcher, "_score_result", flaky)
+    monkeypatch.setattr(shared_pass, "_score_result", flaky)
     jobs = [
         ScoreJob(model="m", texts=t, temperature=x)
         for t, x in [(SHORT, 1.0), (LONG, 3.0), (MEDIUM, 2.0)]
     ]
-    outcomes = batcher.run_batch(lm, [batcher.prepare(lm, job) for job in jobs])
+    outcomes = run_batch(lm, [shared_pass.prepare(lm, job) for job in jobs])
     assert isinstance(outcomes[1], RuntimeError)
     for i in (0, 2):
         assert isinstance(outcomes[i], AnalysisResult)
@@ -172,16 +179,16 @@ def test_a_failing_split_fails_only_its_job(
 
 
 def test_token_budget_counts_padding(lm: LoadedModel) -> None:
-    short = batcher.prepare(lm, ScoreJob(model="m", texts=[SHORT, SHORT]))
-    long = batcher.prepare(lm, ScoreJob(model="m", texts=LONG))
-    assert batcher.padded_tokens([short]) == 2 * short.length
-    assert batcher.padded_tokens([short, long]) == 3 * long.length
-    assert batcher.is_full([short, long], 3 * long.length)
-    assert not batcher.is_full([short, long], 4 * long.length)
+    short = shared_pass.prepare(lm, ScoreJob(model="m", texts=[SHORT, SHORT]))
+    long = shared_pass.prepare(lm, ScoreJob(model="m", texts=LONG))
+    assert shared_pass.padded_tokens([short]) == 2 * short.length
+    assert shared_pass.padded_tokens([short, long]) == 3 * long.length
+    assert shared_pass.is_full([short, long], 3 * long.length)
+    assert not shared_pass.is_full([short, long], 4 * long.length)
 
 
 def test_only_score_and_gradient_free_trace_jobs_are_batchable() -> None:
-    assert batcher.batchable(ScoreJob(model="m", texts=SHORT))
-    assert batcher.batchable(TraceJob(model="m", texts=SHORT))
+    assert shared_pass.batchable(ScoreJob(model="m", texts=SHORT))
+    assert shared_pass.batchable(TraceJob(model="m", texts=SHORT))
     with_gradients = TraceJob(model="m", texts=SHORT, gradients={"target": " b"})
-    assert not batcher.batchable(with_gradients)
+    assert not shared_pass.batchable(with_gradients)

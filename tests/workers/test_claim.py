@@ -17,11 +17,11 @@ from typing import Any, cast
 import pytest
 
 from app import queue
-from app.jobstore import RUNNING
+from app.keys import RUNNING
 from app.schemas import JobStatus, ScoreJob, TraceJob
 from tests.integration.test_batching import LONG, MEDIUM, MODEL, SHORT, assert_as_alone
 from tests.workers.conftest import submit
-from workers import batcher, tasks
+from workers import shared_jobs, shared_pass, tasks
 from workers.claim import Member, prepare
 
 
@@ -46,7 +46,7 @@ def test_a_job_another_worker_took_meanwhile_is_left_to_it(runtime: tasks.Runtim
     assert leader is not None
     taken = rt.claims.take(lm, MODEL, {"trace"}, [leader], 10_000, head)
     assert [m.doc.id for m in taken] == [mine]
-    tasks._run_shared(rt, lm, [Member(record.document, leader), *taken])
+    shared_jobs.run_shared(rt, lm, [Member(record.document, leader), *taken])
     for job_id in (leader_id, mine):
         assert_as_alone(rt, job_id, job)
     assert rt.store.get(theirs).document.status is JobStatus.QUEUED, "left to the other worker"
@@ -66,13 +66,13 @@ def test_a_queued_job_too_big_to_share_a_pass_is_tokenised_once(
     huge = ScoreJob(model=MODEL, texts=[LONG] * 40)
     huge_id = submit(rt, huge)
     prepared: list[Any] = []
-    real_prepare = batcher.prepare
+    real_prepare = shared_pass.prepare
 
-    def counting(lm: Any, job: Any) -> batcher.Prepared:
+    def counting(lm: Any, job: Any) -> shared_pass.Prepared:
         prepared.append(job)
         return real_prepare(lm, job)
 
-    monkeypatch.setattr(batcher, "prepare", counting)
+    monkeypatch.setattr(shared_pass, "prepare", counting)
     small = ScoreJob(model=MODEL, texts=SHORT)
     for _ in range(3):
         small_id = submit(rt, small)

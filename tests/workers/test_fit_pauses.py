@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.jobstore import RUNNING
+from app.keys import RUNNING
 from app.schemas import ChgJob, JobDocument, JobStatus, ScoreJob, TraceJob
 from tests.integration.test_batching import LONG, MEDIUM, MODEL, SHORT, assert_as_alone
 from tests.workers.conftest import submit
 from tests.workers.test_claim import rq_takes
-from workers import batcher, tasks
+from workers import shared_pass, tasks
 from workers.lens.chg import fit_chg
 
 PROMPTS = [SHORT, MEDIUM, LONG, "a b c d", "one two three", "the cat sat on"]
@@ -123,7 +123,7 @@ def test_a_short_job_that_fails_in_a_pause_fails_alone(
     def out_of_memory(*_: Any) -> None:
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(batcher, "forward", out_of_memory)
+    monkeypatch.setattr(shared_pass, "forward", out_of_memory)
     tasks.run_job(fit_id)
     assert document(rt, fit_id).status is JobStatus.SUCCEEDED
     failed = document(rt, score_id)

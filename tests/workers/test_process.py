@@ -12,7 +12,7 @@ from redis.connection import Connection
 from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
-from app import queue
+from app import keys, queue
 from app.core.config import Settings
 from workers.process import LensWorker, _Shutdown
 from workers.rq_guard import ForeignJob, LensJob
@@ -67,7 +67,7 @@ def _guarded_worker(conn: redis.Redis) -> LensWorker:
     return LensWorker(
         [
             Queue(
-                queue.queue_name("m"), connection=conn, serializer=JSONSerializer, job_class=LensJob
+                keys.queue_name("m"), connection=conn, serializer=JSONSerializer, job_class=LensJob
             )
         ],
         name="w.1.2",

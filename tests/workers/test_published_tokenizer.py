@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from app import queue, tokens
+from app import keys, tokens
 from app.core import jobsize
 from app.core.config import Limits
 from app.schemas import JobRequest
@@ -57,7 +57,7 @@ def test_the_api_counts_what_the_worker_counts(
 ) -> None:
     tokenizer = _tokenizer(source, tmp_path)
     sha256 = publish_tokenizer(redis_conn, tokenizer)
-    assert sha256 is not None and redis_conn.exists(queue.tokenizer_key(sha256))
+    assert sha256 is not None and redis_conn.exists(keys.tokenizer_key(sha256))
     (tmp_path / "d.json").write_text(json.dumps(ROWS))
     job = TypeAdapter(JobRequest).validate_python(
         {"kind": "chg", "model": "m", "texts": TEXTS, "targets": ["x"] * len(TEXTS)}
@@ -81,7 +81,7 @@ def test_the_same_tokenizer_is_published_once_under_one_hash(
     first = publish_tokenizer(redis_conn, _tokenizer("llama", tmp_path))
     again = publish_tokenizer(redis_conn, _tokenizer("gpt2", tmp_path))
     assert first == again
-    assert redis_conn.keys(queue.tokenizer_key("*")) == [queue.tokenizer_key(first or "").encode()]
+    assert redis_conn.keys(keys.tokenizer_key("*")) == [keys.tokenizer_key(first or "").encode()]
 
 
 def test_a_tokenizer_the_api_would_count_otherwise_is_not_published(
@@ -97,4 +97,4 @@ def test_a_tokenizer_the_api_would_count_otherwise_is_not_published(
     )
     assert publish_tokenizer(redis_conn, slow) is None
     assert publish_tokenizer(redis_conn, splits) is None
-    assert redis_conn.keys(queue.tokenizer_key("*")) == []
+    assert redis_conn.keys(keys.tokenizer_key("*")) == []

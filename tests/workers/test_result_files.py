@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from app.blobstore import WRITE_CHUNK_BYTES, BlobStore, BlobTensor
-from workers.tasks import blob_tensor
+from workers.outcomes import blob_tensor
 
 JOB = "0123456789abcdef0123456789abcdef"
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from workers.lens.data import encode_prompt_targets
 from workers.lens.errors import InvalidParameter
 from workers.lens.gate_fit import check_counts, evaluate_gates
 from workers.lens.loading import LoadedModel
+from workers.lens.prompt_targets import encode_prompt_targets
 from workers.lens.results import AnalysisResult, ProgressCallback, no_progress
 
 STAGE = "ablate"

@@ -9,7 +9,7 @@ summary's mean token NLL (``loss="mean"``; ``"sum"``, the total, scales every no
 summary's length) and sentence scores are divided by their largest (``normalize="max"``;
 ``"none"`` keeps the raw aggregates). What still differs from the seed, on purpose: the
 summary is joined to the document as a target to its prompt (``target_join``, see
-``workers.lens.data``): by default tokenised apart from it, as the seed does, but with one
+``workers.lens.prompt_targets``): by default tokenised apart from it, as the seed does, but with one
 leading space (the seed tokenises the summary bare, so ``"Paris …"`` becomes a word-piece
 the model rarely sees after a document); the head mask is applied exactly as in the gate
 fits; and tokens map to sentences by character offsets, not by re-tokenising sentences.
@@ -43,11 +43,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from workers.lens.adapters import ModelAdapter
-from workers.lens.data import TARGET_JOINS, join_with_space
 from workers.lens.errors import ContextTooLong, InvalidParameter
 from workers.lens.gated_forward import fp32_lm_head
 from workers.lens.gating import head_gates
 from workers.lens.loading import LoadedModel
+from workers.lens.prompt_targets import TARGET_JOINS, join_with_space
 from workers.lens.results import AnalysisResult
 
 Aggregate = Literal["mean", "sum", "max"]

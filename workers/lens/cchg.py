@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.lens.data import TargetBatch, encode_prompt_targets
 from workers.lens.errors import InvalidParameter
 from workers.lens.gate_fit import (
     GateUpdates,
@@ -49,6 +48,7 @@ from workers.lens.gate_fit import (
     uniform_gate_logits,
 )
 from workers.lens.loading import LoadedModel
+from workers.lens.prompt_targets import TargetBatch, encode_prompt_targets
 from workers.lens.results import AnalysisResult, ProgressCallback, no_progress
 
 STAGE = "contrastive"

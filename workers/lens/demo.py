@@ -10,7 +10,7 @@ heads, trained for about a minute of CPU time on two tasks:
   keeps a weaker mechanism that predicts the word after next: on the clean copies the
   analyses use, those heads only hurt;
 - the aba/abb rule task of the CHG paper, in the authors' format
-  (`` red^ cat^ red`` lines, see ``workers.lens.data.generate_pattern``): each line's
+  (`` red^ cat^ red`` lines, see ``workers.lens.prompt_targets.generate_pattern``): each line's
   third word repeats its first (aba) or its second (abb), one rule per sequence. Its
   heads have nothing to do with copying.
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.lens.data import IGNORE, TargetBatch
 from workers.lens.errors import InvalidParameter
 from workers.lens.gated_forward import gated_logits
 from workers.lens.loading import LoadedModel
+from workers.lens.prompt_targets import IGNORE, TargetBatch
 from workers.lens.results import Progress, ProgressCallback
 
 GATE_LOGIT_CLAMP = 4.0

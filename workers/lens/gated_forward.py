@@ -11,7 +11,7 @@ The batch is repeated once per gate set. Exact shortcuts cut the work of a pass:
 
 They rely on how a family's modules are called, so each is checked once per loaded model
 against a plain pass and used only where it gives the same logits. Llama-style decoders
-take a pass written out in ``workers.lens.gated_decoder`` instead, which goes further
+take a pass written out in ``workers.lens.llama_gated_pass`` instead, which goes further
 (the last block works at the picked positions only), under the same check.
 
 The LM head always computes in fp32 (:func:`fp32_lm_head`): the logits of the scored
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.lens import gated_decoder
+from workers.lens import llama_gated_pass
 from workers.lens.adapters import ModelAdapter
 from workers.lens.gating import head_gates
 from workers.lens.loading import LoadedModel
@@ -48,7 +48,7 @@ class Shortcuts:
     trim_last_mlp: bool
     pick_head_positions: bool
     written_out: bool = False
-    """The pass of ``workers.lens.gated_decoder`` (which needs none of the others)."""
+    """The pass of ``workers.lens.llama_gated_pass`` (which needs none of the others)."""
 
 
 _CHECKED: WeakKeyDictionary[nn.Module, Shortcuts] = WeakKeyDictionary()
@@ -83,9 +83,9 @@ def _forward(
     pick: torch.Tensor,
     use: Shortcuts,
 ) -> torch.Tensor:
-    if use.written_out and gated_decoder.covers(lm, input_ids.shape[1]):
+    if use.written_out and llama_gated_pass.covers(lm, input_ids.shape[1]):
         with _autocast(lm.device), fp32_lm_head(lm.adapter):
-            return gated_decoder.gated_logits(lm, input_ids, gates, kept, pick)
+            return llama_gated_pass.gated_logits(lm, input_ids, gates, kept, pick)
     sets, rows = gates.shape[0], input_ids.shape[0]
     extra = {"logits_to_keep": kept} if _keeps_logits(cast(Hashable, type(lm.model))) else {}
     picked = pick.repeat(sets, 1)
@@ -130,8 +130,8 @@ def _probe(lm: LoadedModel) -> Shortcuts:
             return fast.shape == plain.shape and bool(((fast - plain).abs() <= tol * scale).all())
 
         return Shortcuts(
-            written_out=gated_decoder.applies(lm)
-            and gated_decoder.covers(lm, _PROBE_SHAPE[1])  # else the probe would not run it
+            written_out=llama_gated_pass.applies(lm)
+            and llama_gated_pass.covers(lm, _PROBE_SHAPE[1])  # else the probe would not run it
             and exact(replace(none, written_out=True)),
             share_first_attention=exact(replace(none, share_first_attention=True)),
             trim_last_mlp=exact(replace(none, trim_last_mlp=True)),

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from workers.lens.batching import TextBatch, encode_texts
 from workers.lens.errors import ContextTooLong, InvalidParameter
 from workers.lens.loading import DTYPES, LoadedModel
+from workers.lens.padding import TextBatch, encode_texts
 from workers.lens.sites import LAYER_SITES, SITES
 from workers.lens.tracing import (
     CAPTURABLE_SITES,

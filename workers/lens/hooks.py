@@ -1,5 +1,8 @@
 """Hook helpers: context managers that record (and optionally change) what flows through a model.
 
+A public toolkit for in-process users of the core (docs/hooks.md); the service's own
+passes do not use it.
+
 Each helper registers its PyTorch hooks on entry and removes every handle on
 exit, also when the body raises, so a shared resident model is never left
 hooked. What a hook saw is kept, in call order, in the :class:`Recording` the

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from workers.lens.batching import TextBatch, encode_texts, token_strings
 from workers.lens.errors import InvalidParameter
 from workers.lens.loading import LoadedModel
+from workers.lens.padding import TextBatch, encode_texts, token_strings
 from workers.lens.results import AnalysisResult
 
 

@@ -1,7 +1,8 @@
 """The vocabulary of traceable sites: a public API, shared by tracing and the HTTP schema.
 
-This module imports nothing heavy (no torch) so that the API can validate site
-names without loading the analysis stack.
+It imports nothing but the standard library: it is the one module of the analysis core
+that the web side (``app``) imports, so the API validates site names without torch. The
+import-linter contracts in pyproject.toml hold both sides to that (docs/layering.md).
 """
 
 from __future__ import annotations

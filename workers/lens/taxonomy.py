@@ -44,9 +44,6 @@ class HeadRole(IntEnum):
         return self.name.lower()
 
 
-SCORED_ROLES = (HeadRole.FACILITATING, HeadRole.INTERFERING, HeadRole.IRRELEVANT)
-"""Roles with a per-mask score of the paper's."""
-
 KEEP_RULES = ("facilitating", "sufficient", "non_interfering", "remove_facilitating")
 DEFAULT_CONSENSUS = 0.5
 

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from workers.lens.adapters import BlockKind, BlockParts, ModelAdapter, first_output, first_tensor
-from workers.lens.batching import encode_texts, token_strings
 from workers.lens.errors import InvalidParameter
 from workers.lens.loading import DTYPES, LoadedModel
+from workers.lens.padding import encode_texts, token_strings
 from workers.lens.results import AnalysisResult
 from workers.lens.sites import LAYER_SITES, MODEL_SITES, SITE_NAMES, SITES
 

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-from pathlib import Path
-from typing import Annotated, Literal, cast
+from typing import Annotated, Literal
 
 import redis
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 
+from app import datasets
 from app.api.deps import OwnerDep, RedisDep, SettingsDep
 from app.api.errors import field_error
 from app.core.config import Settings
-from app.core.jobsize import DatasetSize
-from app.jobstore import PREFIX
-from app.maintenance import dataset_key
+from app.keys import new_job_id
 from app.schemas import DatasetInfo
-from workers.lens.datasets import parse_dataset
-from workers.lens.errors import InvalidParameter
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -30,47 +23,6 @@ _CONTENT_TYPES = {
     "application/json": "jsonl",
     "text/tab-separated-values": "tsv",
 }
-
-
-def dataset_record(conn: redis.Redis, dataset_id: str) -> tuple[str, DatasetSize] | None:
-    """The data set's owner and size, while it has not expired."""
-    raw = cast("list[bytes | None]", conn.hmget(dataset_key(dataset_id), "owner", *_SIZE_FIELDS))
-    owner, *sizes = raw
-    if not owner:
-        return None
-    return owner.decode(), DatasetSize(*(int(v or 0) for v in sizes))
-
-
-_SIZE_FIELDS = ("rows", "longest_chars", "prompt_bytes", "target_bytes")
-
-# The quota check and the new data set's record, in one step (two uploads of one key at
-# once cannot both take its last place). KEYS[1] = the owner's data sets (id → bytes),
-# KEYS[2] = the new record; ARGV[1] = id, ARGV[2] = bytes, ARGV[3] = most data sets,
-# ARGV[4] = most bytes, ARGV[5] = record key prefix, ARGV[6] = TTL (s), ARGV[7..] = the
-# record's field/value pairs. Entries of expired data sets are dropped on the way.
-# Returns {1 (stored) | 0 (too many) | -1 (too many bytes), count, bytes} as they were.
-_STORE = """
-local count, total = 0, 0
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if redis.call('EXISTS', ARGV[5] .. all[i]) == 1 then
-    count = count + 1
-    total = total + tonumber(all[i + 1])
-  else
-    redis.call('HDEL', KEYS[1], all[i])
-  end
-end
-if count + 1 > tonumber(ARGV[3]) then return {0, count, total} end
-if total + tonumber(ARGV[2]) > tonumber(ARGV[4]) then return {-1, count, total} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], unpack(ARGV, 7))
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-return {1, count, total}
-"""
-
-
-def owner_datasets(owner: str) -> str:
-    return f"{PREFIX}:datasets:{owner}"
 
 
 @router.post(
@@ -128,17 +80,12 @@ def _store(
     record (the record first, so the quota counts it; removed again if the write fails)."""
     limits = settings.limits
     try:
-        rows = parse_dataset(content, fmt)
-    except InvalidParameter as exc:
+        rows = datasets.parse_dataset(content, fmt)
+    except datasets.DatasetError as exc:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, field_error(exc.field, exc.message)
         ) from exc
-    size = DatasetSize(
-        rows=len(rows),
-        longest_chars=max(max(len(r["prompt"]), len(r["target"])) for r in rows),
-        prompt_bytes=max(len(r["prompt"].encode()) for r in rows),
-        target_bytes=max(len(r["target"].encode()) for r in rows),
-    )
+    size = datasets.measure(rows)
     if size.rows > limits.max_texts:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
@@ -150,29 +97,17 @@ def _store(
             f"a prompt or target of {size.longest_chars} characters exceeds the limit "
             f"max_text_chars = {limits.max_text_chars}",
         )
-    data = json.dumps(rows, separators=(",", ":")).encode()
-    dataset_id = secrets.token_hex(16)
-    record = {"owner": owner} | {f: getattr(size, f) for f in _SIZE_FIELDS}
-    stored, count, total = cast(
-        "list[int]",
-        conn.register_script(_STORE)(
-            keys=[owner_datasets(owner), dataset_key(dataset_id)],
-            args=[
-                dataset_id,
-                len(data),
-                limits.max_datasets_per_key,
-                limits.max_dataset_bytes_per_key,
-                dataset_key(""),
-                settings.result_ttl_s,
-                *(x for pair in record.items() for x in pair),
-            ],
-        ),
+    nbytes = len(datasets.encode_rows(rows))
+    dataset_id = new_job_id()
+    quota = datasets.Quota(
+        limits.max_datasets_per_key, limits.max_dataset_bytes_per_key, settings.result_ttl_s
     )
+    stored, count, total = datasets.register(conn, owner, dataset_id, size, nbytes, quota)
     if stored != 1:
         what = (
             f"{count} data sets, the limit max_datasets_per_key"
             if stored == 0
-            else f"{total} bytes of data sets, and this one takes {len(data)}; the limit "
+            else f"{total} bytes of data sets, and this one takes {nbytes}; the limit "
             "max_dataset_bytes_per_key"
         )
         limit = limits.max_datasets_per_key if stored == 0 else limits.max_dataset_bytes_per_key
@@ -182,21 +117,8 @@ def _store(
             "upload or latest use",
         )
     try:
-        _write(settings.dataset_dir, dataset_id, data)
+        datasets.DatasetStore(settings.dataset_dir).write(dataset_id, rows)
     except BaseException:
-        conn.delete(dataset_key(dataset_id))
-        conn.hdel(owner_datasets(owner), dataset_id)
+        datasets.unregister(conn, owner, dataset_id)
         raise
     return DatasetInfo(id=dataset_id, rows=size.rows, columns=["prompt", "target"])
-
-
-def _write(directory: Path, dataset_id: str, data: bytes) -> None:
-    """Atomically: a hidden temporary file, renamed (the sweeper removes one left behind)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    temp = directory / f".{dataset_id}.tmp"
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, directory / f"{dataset_id}.json")
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from app import queue, tokens
+from app import datasets, queue, tokens
 from app.api import validation
 from app.api.deps import (
     AsyncRedisDep,
@@ -29,11 +29,10 @@ from app.api.deps import (
     StoreDep,
 )
 from app.api.result_file import ResultFile
-from app.api.routes.datasets import dataset_record
 from app.core.config import Settings
 from app.events import LOST, EventHub, TooManyStreams
-from app.jobstore import JobRecord, JobStore, new_job_id, reserve_with, unreserve_with
-from app.maintenance import dataset_key
+from app.jobstore import JobRecord, JobStore, reserve_with, unreserve_with
+from app.keys import MODELS, new_job_id
 from app.schemas import JobDocument, JobList, JobRequest, JobStatus, ModelInfo
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -77,7 +76,7 @@ async def submit_job(
     job_id, cap = new_job_id(), settings.limits.max_active_jobs_per_key
     pipe = aconn.pipeline(transaction=False)
     submission.open_with(pipe)
-    pipe.hget(queue.MODELS_KEY, job.model)
+    pipe.hget(MODELS, job.model)
     reserve_with(pipe, owner, job_id, cap)
     *_, shape, active = await pipe.execute()
     submission.opened()
@@ -142,24 +141,22 @@ def _queue_job(
             )
         validation.check_shape(job, info)
     validation.check_source_job(job, owner, store)
-    datasets = {}
+    sizes = {}
     for field, dataset_id in validation.dataset_fields(job).items():
-        found = dataset_record(conn, dataset_id)
+        found = datasets.record(conn, dataset_id)
         if found is None or found[0] != owner:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"{field}: data set {dataset_id!r} not found"
             )
         validation.check_dataset(field, found[1], limits)
-        datasets[field] = found[1]
-    validation.check_fit_rows(job, datasets, limits)
+        sizes[field] = found[1]
+    validation.check_fit_rows(job, sizes, limits)
     estimate = None
     if info is not None:
         encode = tokens.published_encoder(conn, info.tokenizer_sha256)
-        estimate = validation.estimate_cost(
-            job, info, limits, datasets, settings.dataset_dir, encode
-        )
+        estimate = validation.estimate_cost(job, info, limits, sizes, settings.dataset_dir, encode)
     for dataset_id in validation.dataset_fields(job).values():
-        conn.expire(dataset_key(dataset_id), settings.result_ttl_s)
+        datasets.touch(conn, dataset_id, settings.result_ttl_s)
     # One transaction: the record, the end of the submission's in-flight count (just as
     # the job lands, so a worker taking it never waits for its own submission), the
     # queue entry at the key's turn and the job's place in the queue.

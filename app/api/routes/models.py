@@ -8,7 +8,7 @@ from typing import Any
 import redis
 from fastapi import APIRouter, HTTPException, status
 
-from app import queue
+from app import presence, queue
 from app.api.deps import OwnerDep, RedisDep, SettingsDep, StoreDep
 from app.schemas import ModelInfo, ModelList
 
@@ -54,7 +54,7 @@ def _model_info(
 def list_models(_: OwnerDep, settings: SettingsDep, conn: RedisDep, store: StoreDep) -> ModelList:
     """Served models: shape (once a worker has loaded them), jobs queued and running, and
     whether a live worker serves each (from the workers' heartbeats)."""
-    reported, workers = queue.model_infos(conn), queue.live_workers(conn)
+    reported, workers = presence.model_infos(conn), presence.live_workers(conn)
     running = store.running_counts()
     return ModelList(
         models=[
@@ -74,7 +74,7 @@ def get_model(
         name,
         settings.models[name].source,
         conn,
-        queue.model_infos(conn),
-        queue.live_workers(conn),
+        presence.model_infos(conn),
+        presence.live_workers(conn),
         store.running_counts(),
     )

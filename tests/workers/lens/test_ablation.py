@@ -59,7 +59,7 @@ def _reference(path: str, prompts: list[str], targets: list[str], mask: torch.Te
 WRITTEN_OUT = frozenset(
     {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "olmo", "starcoder2"}
 )
-"""Families built as ``workers.lens.gated_decoder`` assumes (its check runs on each)."""
+"""Families built as ``workers.lens.llama_gated_pass`` assumes (its check runs on each)."""
 
 
 @pytest.mark.parametrize("family", FAMILIES)

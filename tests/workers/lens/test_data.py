@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
 from workers.lens import demo, testing
-from workers.lens.data import IGNORE, encode_prompt_targets, generate_pattern
-from workers.lens.datasets import parse_dataset
 from workers.lens.errors import ContextTooLong, InvalidParameter
+from workers.lens.prompt_targets import IGNORE, encode_prompt_targets, generate_pattern
 
 CPU = torch.device("cpu")
 
@@ -179,65 +174,3 @@ def test_pattern_rejects_bad_parameters(words: PreTrainedTokenizerFast) -> None:
     with pytest.raises(InvalidParameter) as err:
         generate_pattern(words, "aba", 0)
     assert err.value.field == "num_samples"
-
-
-def _jsonl(*rows: object) -> bytes:
-    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows).encode()
-
-
-def test_jsonl_rows() -> None:
-    content = _jsonl({"prompt": "a\nb", "target": " c", "id": 7}, "", {"text": "d", "target": " e"})
-    assert parse_dataset(content, "train.jsonl") == [
-        {"prompt": "a\nb", "target": " c"},
-        {"prompt": "d", "target": " e"},
-    ]
-    assert parse_dataset(b"\xef\xbb\xbf" + content, "ndjson")[0]["prompt"] == "a\nb"
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (_jsonl({"prompt": "a", "target": "b"}, "{oops"), "line 2: invalid JSON"),
-        (_jsonl({"prompt": "a"}), "line 1: needs 'prompt'"),
-        (_jsonl({"prompt": "a", "target": ""}), "line 1: empty target"),
-        (_jsonl({"prompt": 3, "target": "b"}), "line 1: prompt and target must be strings"),
-        (_jsonl([1, 2]), "line 1: expected a JSON object"),
-        (b"\n\n", "holds no rows"),
-        (b"\xff\xfe", "not UTF-8"),
-    ],
-)
-def test_jsonl_errors_name_the_line(content: bytes, message: str) -> None:
-    with pytest.raises(InvalidParameter) as err:
-        parse_dataset(content, "jsonl")
-    assert err.value.field == "dataset"
-    assert message in err.value.message
-
-
-def test_tsv_with_header_and_escapes() -> None:
-    content = b"id\ttarget\tprompt\n1\t cat\tred\\ncat | red\n2\t back\\\\slash\ttab\\there\n"
-    assert parse_dataset(content, "data.TSV") == [
-        {"prompt": "red\ncat | red", "target": " cat"},
-        {"prompt": "tab\there", "target": " back\\slash"},
-    ]
-
-
-def test_tsv_two_columns_without_header() -> None:
-    assert parse_dataset(b"red cat\t dog\nblue\t fox\n", "tab") == [
-        {"prompt": "red cat", "target": " dog"},
-        {"prompt": "blue", "target": " fox"},
-    ]
-
-
-def test_tsv_errors_name_the_line() -> None:
-    with pytest.raises(InvalidParameter, match="line 3: expected 2 tab-separated columns, got 3"):
-        parse_dataset(b"prompt\ttarget\na\tb\na\tb\tc\n", "tsv")
-    with pytest.raises(InvalidParameter, match="line 2: empty target"):
-        parse_dataset(b"a\tb\nc\t\n", "tsv")
-    with pytest.raises(InvalidParameter) as err:
-        parse_dataset(b"a\tb\n", "data.csv")
-    assert err.value.field == "format"
-
-
-def test_parsing_data_sets_does_not_import_torch() -> None:
-    code = "import sys, workers.lens.datasets; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

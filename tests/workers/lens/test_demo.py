@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from workers.lens import demo
-from workers.lens.data import encode_prompt_targets
 from workers.lens.errors import Cancelled, InvalidParameter
+from workers.lens.prompt_targets import encode_prompt_targets
 from workers.lens.results import Progress
 
 COPY_ACCURACY = 0.8

@@ -13,10 +13,10 @@ import torch
 from workers.lens import demo
 from workers.lens.ablation import ablate
 from workers.lens.chg import fit_chg
-from workers.lens.data import encode_prompt_targets
 from workers.lens.gate_fit import evaluate_gates
 from workers.lens.induction import induction_scores, rank_correlation
 from workers.lens.loading import LoadedModel, load_model
+from workers.lens.prompt_targets import encode_prompt_targets
 from workers.lens.results import AnalysisResult, no_progress
 from workers.lens.taxonomy import HeadRole, consensus_roles, mask_roles
 

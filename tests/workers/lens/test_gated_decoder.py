@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from workers.lens import gated_decoder
+from workers.lens import llama_gated_pass
 from workers.lens.gated_forward import gated_logits, shortcuts
 from workers.lens.gating import head_gates
 from workers.lens.loading import LoadedModel, load_model
@@ -41,7 +41,7 @@ def _assert_same_pass(lm: LoadedModel, seq: int) -> None:
     ids, logits = _inputs(lm, seq)
     want = _reference(lm, ids, logits.sigmoid())
     (want_grad,) = torch.autograd.grad(want.log_softmax(-1)[..., 0].sum(), logits)
-    got = gated_decoder.gated_logits(lm, ids, logits.sigmoid(), KEPT, PICK)
+    got = llama_gated_pass.gated_logits(lm, ids, logits.sigmoid(), KEPT, PICK)
     (got_grad,) = torch.autograd.grad(got.log_softmax(-1)[..., 0].sum(), logits)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
@@ -52,7 +52,7 @@ def test_matches_the_stock_forward(family: str, tmp_path: Path) -> None:
     """GQA (llama), q/k norms (qwen3), a routed MLP (mixtral), scaled embeddings (gemma),
     biases and LayerNorm (starcoder2)."""
     lm = load_model(str(build_tiny_model(family, tmp_path)))
-    assert gated_decoder.applies(lm) and shortcuts(lm).written_out
+    assert llama_gated_pass.applies(lm) and shortcuts(lm).written_out
     _assert_same_pass(lm, seq=8)
 
 
@@ -73,14 +73,14 @@ def test_one_layer_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", ["gpt2", "olmo2", "phi3", "gemma2", "cohere"])
 def test_other_blocks_are_refused(family: str, tmp_path: Path) -> None:
     lm = load_model(str(build_tiny_model(family, tmp_path)))
-    assert not gated_decoder.applies(lm)
+    assert not llama_gated_pass.applies(lm)
     assert not shortcuts(lm).written_out
 
 
 def test_past_a_sliding_window_the_hooked_pass_runs(tmp_path: Path) -> None:
     """The tiny Mistral has an 8-token window: longer inputs must not take this pass."""
     lm = load_model(str(build_tiny_model("mistral", tmp_path)))
-    assert gated_decoder.covers(lm, 8) and not gated_decoder.covers(lm, 12)
+    assert llama_gated_pass.covers(lm, 8) and not llama_gated_pass.covers(lm, 12)
     ids, logits = _inputs(lm, 12)
     with torch.no_grad():
         got = gated_logits(lm, ids, logits.sigmoid(), KEPT, PICK)

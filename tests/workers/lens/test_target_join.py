@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from workers.lens import demo
-from workers.lens.data import IGNORE, encode_prompt_targets
+from workers.lens.prompt_targets import IGNORE, encode_prompt_targets
 
 CPU = torch.device("cpu")
 

@@ -23,9 +23,9 @@ import torch
 
 from app.schemas import JobRequest, ScoreJob, TraceJob
 from workers.lens import scoring
-from workers.lens.batching import TextBatch, encode_texts, token_strings
 from workers.lens.errors import InvalidParameter
 from workers.lens.loading import DTYPES, LoadedModel
+from workers.lens.padding import TextBatch, encode_texts, token_strings
 from workers.lens.results import AnalysisResult
 from workers.lens.sites import LAYER_SITES, SITES
 from workers.lens.tracing import (
@@ -172,11 +172,6 @@ def results(
             except Exception as exc:  # one job's split failing must not fail the others
                 outcome = exc
         yield outcome
-
-
-def run_batch(lm: LoadedModel, items: Sequence[Prepared]) -> list[AnalysisResult | Exception]:
-    """:func:`forward` then all :func:`results`; an error of the shared pass is raised."""
-    return list(results(lm, items, forward(lm, items)))
 
 
 def _combine(items: Sequence[Prepared], pad_id: int, device: torch.device) -> TextBatch:

@@ -39,8 +39,8 @@ def encode_texts(
     """Tokenise ``texts`` into one right-padded batch; too long a text is an error naming it."""
     if isinstance(texts, str) or not texts:
         raise InvalidParameter(field, "must be a non-empty list of texts")
-    # numpy, then shared with torch: torch.tensor() of the nested lists took a third of
-    # the call (8 texts × 64 tokens: 1.4–1.6 ms against 1.1–1.2 ms)
+    # numpy, then shared with torch: torch.tensor() of the nested lists is slower
+    # (docs/performance.md)
     enc = tokenizer(list(texts), padding=True, return_tensors="np", padding_side="right")
     mask = torch.from_numpy(enc["attention_mask"]).long()  # no copy: int64 already
     lengths = mask.sum(dim=1).tolist()
