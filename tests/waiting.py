@@ -1,0 +1,38 @@
+"""The one way a test waits for something to happen: poll a predicate up to a deadline.
+
+A fixed sleep is too short on a busy machine and too long on an idle one; a wall-clock
+bound fails when the box is loaded. A test that must wait for a state another process
+reaches polls for that state with ``wait_until``, whose deadline is generous and whose
+failure names what never happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+INTERVAL_S = 0.05
+"""How often a predicate is asked: short next to any wait worth writing."""
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = INTERVAL_S,
+) -> T:
+    """Ask ``predicate`` until it returns something truthy, and return that. Past
+    ``timeout`` seconds the test fails saying ``what`` did not happen (a callable ``what``
+    is asked then, so it can show the last state seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            said = what() if callable(what) else what
+            raise AssertionError(f"not within {timeout:g} s: {said}")
+        time.sleep(interval)
