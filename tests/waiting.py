@@ -8,6 +8,7 @@ failure names what never happened.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -36,3 +37,22 @@ def wait_until(
             said = what() if callable(what) else what
             raise AssertionError(f"not within {timeout:g} s: {said}")
         time.sleep(interval)
+
+
+async def await_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = INTERVAL_S,
+) -> T:
+    """``wait_until`` inside an event loop: it sleeps without blocking the loop, so the
+    tasks it waits for run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            said = what() if callable(what) else what
+            raise AssertionError(f"not within {timeout:g} s: {said}")
+        await asyncio.sleep(interval)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,14 @@ from app import queue
 from app.core.redis_server import start_redis
 from app.stack import Stack
 from tests.conftest import DEMO, running_stack, service_settings
+from tests.waiting import wait_until
 
 HEARTBEAT_S = 1.0
 BOUND_S = 4 * HEARTBEAT_S
 """Worker death to failed job: 3 beats for its key to expire, then one reaping pass."""
 SLACK_S = 3.0
 """Scheduling noise on a busy 2-core machine, on top of the bound."""
+BEAT_FAILED = "heartbeat failed, Redis unavailable"
 PAIRS = {"texts": ["red cat blue dog | red cat blue", "one two | one"], "targets": [" dog", " two"]}
 LONG_CHG = {"kind": "chg", **PAIRS, "num_masks": 2, "batch_size": 2, "num_updates": 5000}
 LONG_CCHG = {
@@ -62,13 +63,18 @@ def submit(http: httpx.Client, model: str = DEMO, **body: Any) -> dict[str, Any]
 
 
 def poll(http: httpx.Client, job_id: str, until, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = http.get(f"/v1/jobs/{job_id}").json()
-        if until(doc):
-            return doc
-        assert time.monotonic() < deadline, f"timed out waiting; last document: {doc}"
-        time.sleep(0.05)
+    """The job's document once ``until`` holds for it."""
+    seen: dict[str, Any] = {}
+
+    def check() -> dict[str, Any] | None:
+        seen.update(doc=http.get(f"/v1/jobs/{job_id}").json())
+        return seen["doc"] if until(seen["doc"]) else None
+
+    return wait_until(check, timeout, lambda: f"job {job_id}; last document: {seen['doc']}")
+
+
+def log_of(stack: Stack, worker: str) -> str:
+    return (stack.settings.data_dir / "logs" / f"{worker}.log").read_text()
 
 
 def fitting(doc: dict[str, Any]) -> bool:
@@ -113,15 +119,12 @@ def test_cancel_stops_a_running_fit_within_one_step(
 ) -> None:
     job_id = submit(http, **body)["id"]
     poll(http, job_id, fitting)
-    started = time.monotonic()
     assert http.delete(f"/v1/jobs/{job_id}").status_code == 202
     step_after_cancel = http.get(f"/v1/jobs/{job_id}").json()["progress"]["step"]
-    doc = poll(http, job_id, final, timeout=10)
-    elapsed = time.monotonic() - started
+    doc = poll(http, job_id, final)
     assert doc["status"] == "cancelled", doc
     # the worker checks for a cancel before publishing each step: nothing after it
     assert doc["progress"]["step"] <= step_after_cancel
-    assert elapsed < 5, elapsed
     assert http.get(f"/v1/jobs/{job_id}/result").status_code == 409
 
 
@@ -149,6 +152,7 @@ def test_redis_outage_is_503_then_both_sides_recover(http: httpx.Client, stack: 
     port, files, password = stack.redis.port, stack.redis.data_dir, stack.redis.password
     before = submit(http, kind="score", texts="one two")["id"]
     poll(http, before, final)
+    failed_beats = log_of(stack, "worker-0").count(BEAT_FAILED)
     stack.redis.stop()
     try:
         for method, path in (
@@ -162,13 +166,14 @@ def test_redis_outage_is_503_then_both_sides_recover(http: httpx.Client, stack: 
         r = http.post("/v1/jobs", json={"model": DEMO, "kind": "score", "texts": "one"})
         assert r.status_code == 503
         assert metric(http, "lens_redis_up") == 0
-        time.sleep(2 * HEARTBEAT_S)
+        wait_until(
+            lambda: log_of(stack, "worker-0").count(BEAT_FAILED) > failed_beats,
+            30,
+            "the worker noticed the outage",
+        )
     finally:
         stack.redis = start_redis(files, port, password=password)
-    back = time.monotonic()
-    while http.get("/healthz").status_code != 200:
-        assert time.monotonic() - back < 15, "the API did not reconnect"
-        time.sleep(0.1)
+    wait_until(lambda: http.get("/healthz").status_code == 200, 30, "the API reconnected")
     assert http.get(f"/v1/jobs/{before}").json()["status"] == "succeeded"
     after = submit(http, kind="score", texts="one two")
     assert poll(http, after["id"], final, timeout=30)["status"] == "succeeded"
@@ -181,14 +186,10 @@ def test_a_worker_killed_mid_fit_fails_its_job_within_the_bound(
     poll(http, job_id, fitting)
     worker = stack.workers["worker-0"]
     os.kill(worker.pid, signal.SIGKILL)
-    killed = time.monotonic()
     worker.wait()
-    doc = poll(http, job_id, final, timeout=BOUND_S + SLACK_S + 10)
-    detected = time.monotonic() - killed
-    print(f"worker death to failed job: {detected:.2f} s (bound {BOUND_S:.0f} s)")
+    doc = poll(http, job_id, final, timeout=BOUND_S + SLACK_S)
     assert doc["status"] == "failed", doc
     assert doc["error"]["type"] == "WorkerLost" and "worker-0" in doc["error"]["message"]
-    assert detected <= BOUND_S + SLACK_S
     assert not http.get(f"/v1/models/{DEMO}").json()["worker_alive"]
     conn = redis.Redis.from_url(stack.settings.redis_url)
     assert queue.live_workers(conn) == {} and conn.hlen("lens:running") == 0
