@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import httpx
 
 T = TypeVar("T")
 
@@ -56,3 +58,27 @@ async def await_until(
             said = what() if callable(what) else what
             raise AssertionError(f"not within {timeout:g} s: {said}")
         await asyncio.sleep(interval)
+
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def ended(doc: dict[str, Any]) -> bool:
+    return doc["status"] in FINAL
+
+
+def poll_job(
+    http: httpx.Client,
+    job_id: str,
+    until: Callable[[dict[str, Any]], bool] = ended,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """The job's document (``GET /v1/jobs/{id}``) once ``until`` holds for it; by default
+    once the job has ended."""
+    seen: dict[str, Any] = {}
+
+    def check() -> dict[str, Any] | None:
+        seen["doc"] = doc = http.get(f"/v1/jobs/{job_id}").json()
+        return doc if until(doc) else None
+
+    return wait_until(check, timeout, lambda: f"job {job_id}; last document: {seen['doc']}")

@@ -14,7 +14,8 @@ import pytest
 
 from app.stack import Stack
 from tests.conftest import DEMO, running_stack, service_settings
-from tests.integration.test_failures import final, fitting, log_of, poll, submit
+from tests.integration.test_failures import fitting, log_of, submit
+from tests.waiting import ended, poll_job
 
 PAIRS = {"texts": ["red cat blue dog | red cat blue", "one two | one"], "targets": [" dog", " two"]}
 FIT = {"kind": "chg", **PAIRS, "num_masks": 2, "batch_size": 2, "seed": 3}
@@ -39,7 +40,7 @@ def http(stack: Stack) -> Iterator[httpx.Client]:
 
 def _kill_the_worker_running(http: httpx.Client, stack: Stack, job_id: str) -> str:
     """SIGKILL the one live worker once the job is fitting there; start a fresh one."""
-    poll(http, job_id, fitting)
+    poll_job(http, job_id, fitting)
     (name,) = [n for n, p in stack.workers.items() if p.poll() is None]
     os.kill(stack.workers[name].pid, signal.SIGKILL)
     stack.workers[name].wait()
@@ -51,9 +52,9 @@ def _kill_the_worker_running(http: httpx.Client, stack: Stack, job_id: str) -> s
 def test_a_job_that_loses_its_worker_runs_again_elsewhere(http: httpx.Client, stack: Stack) -> None:
     job_id = submit(http, **FIT, num_updates=400, num_reg_updates=100)["id"]
     successor = _kill_the_worker_running(http, stack, job_id)
-    requeued = poll(http, job_id, lambda d: d["retries"] == 1, timeout=30)
+    requeued = poll_job(http, job_id, lambda d: d["retries"] == 1, timeout=30)
     assert requeued["status"] in ("queued", "running"), requeued
-    doc = poll(http, job_id, final, timeout=120)
+    doc = poll_job(http, job_id, ended, timeout=120)
     assert doc["status"] == "succeeded", doc
     assert doc["retries"] == 1 and doc["summary"]["num_masks"] == 2
     assert http.get(f"/v1/jobs/{job_id}/result").status_code == 200
@@ -63,8 +64,8 @@ def test_a_job_that_loses_its_worker_runs_again_elsewhere(http: httpx.Client, st
 def test_a_job_that_loses_a_second_worker_fails(http: httpx.Client, stack: Stack) -> None:
     job_id = submit(http, **FIT, num_updates=5000)["id"]
     _kill_the_worker_running(http, stack, job_id)
-    poll(http, job_id, lambda d: d["retries"] == 1 and fitting(d), timeout=60)
+    poll_job(http, job_id, lambda d: d["retries"] == 1 and fitting(d), timeout=60)
     _kill_the_worker_running(http, stack, job_id)
-    doc: dict[str, Any] = poll(http, job_id, final, timeout=60)
+    doc: dict[str, Any] = poll_job(http, job_id, ended, timeout=60)
     assert doc["status"] == "failed", doc
     assert doc["error"]["type"] == "WorkerLost" and doc["retries"] == 1
