@@ -28,6 +28,20 @@ JSONL = {"Content-Type": "application/x-ndjson"}
 """A data set upload's type: without keys, a body must declare one the API accepts."""
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run only where CUDA is: elsewhere they are skipped, saying so.
+    torch is imported only when such a test was collected."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in gpu:
+        item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = start_redis(tmp_path_factory.mktemp("redis"), persist=False)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import redis
 
 from app.jobstore import ANONYMOUS, JobStore
 from app.keys import events_channel, job_key, new_job_id
 from app.schemas import JobError, JobProgress, JobStatus
+from tests.waiting import wait_until
 
 
 def make(store: JobStore, owner: str = ANONYMOUS):
@@ -71,10 +71,13 @@ def test_finish_sets_fields_expiry_and_publishes(redis_conn: redis.Redis) -> Non
     assert store.finish(doc.id, JobStatus.FAILED, error=err, ttl_s=100)
     assert not store.finish(doc.id, JobStatus.SUCCEEDED, ttl_s=100)
     events = []
-    deadline = time.monotonic() + 5
-    while len(events) < 3 and time.monotonic() < deadline:
+
+    def three() -> bool:
         if (m := pubsub.get_message(timeout=0.5)) is not None:
             events.append(json.loads(m["data"]))
+        return len(events) >= 3
+
+    wait_until(three, 5, lambda: f"three events; got {events}", interval=0)
     assert [e["event"] for e in events] == ["status", "progress", "status"]
     assert events[1]["loss"] == 0.5 and events[2]["status"] == "failed"
     record = store.get(doc.id)

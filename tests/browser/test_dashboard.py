@@ -7,7 +7,6 @@ the system chromium is used). Screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from safetensors.torch import load
 
 from app.stack import Stack
 from tests.conftest import DEMO, service_settings
+from tests.waiting import poll_job
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -51,12 +51,7 @@ def run_job(http: httpx.Client, **body: Any) -> tuple[dict[str, Any], dict[str, 
     response = http.post("/v1/jobs", json={"model": DEMO, **body})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    deadline = time.monotonic() + 120
-    while (doc := http.get(f"/v1/jobs/{job_id}").json())["status"] not in (
-        "succeeded", "failed", "cancelled"
-    ):  # fmt: skip
-        assert time.monotonic() < deadline, f"job {job_id} still {doc['status']}"
-        time.sleep(0.2)
+    doc = poll_job(http, job_id, timeout=120)
     assert doc["status"] == "succeeded", doc["error"]
     return doc, load(http.get(f"/v1/jobs/{job_id}/result").content)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from app.jobstore import JobStore
 from app.schemas import JobStatus, ScoreJob, TraceJob
 from app.stack import Stack
 from tests.conftest import DEMO, service_settings
+from tests.waiting import wait_until
 from tests.workers.test_batcher import alone
 from workers import shared_pass, tasks
 from workers.lens.loading import LoadedModel, load_model
@@ -162,45 +162,75 @@ def wait_ms(registry: ModelRegistry, ms: float, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(registry.specs, MODEL, spec)
 
 
+@pytest.fixture
+def waiting(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once a pass asks whether submissions are still in flight: it asks only while
+    it waits for a burst."""
+    asked = threading.Event()
+    ask = queue.submissions_in_flight
+
+    def asking(*args: Any) -> int:
+        asked.set()
+        return ask(*args)
+
+    monkeypatch.setattr(queue, "submissions_in_flight", asking)
+    return asked
+
+
 def test_jobs_still_being_submitted_join_the_pass_that_is_starting(
-    rt: tasks.Runtime, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+    rt: tasks.Runtime,
+    registry: ModelRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    waiting: threading.Event,
 ) -> None:
     """The first job is running (held at its start by a submission in flight) before the
     others are queued: only the wait for in-flight submissions can put them in its pass."""
-    wait_ms(registry, 10_000, monkeypatch)
+    wait_ms(registry, 60_000, monkeypatch)
     first = submit(rt, ScoreJob(model=MODEL, texts=SHORT))
     later = [ScoreJob(model=MODEL, texts=MEDIUM), ScoreJob(model=MODEL, texts=[LONG, SHORT])]
     later_ids: list[str] = []
+    failed: list[AssertionError] = []
 
     def api_busy_with_a_burst() -> None:
         in_flight = keys.submitting_key(MODEL, "score")
         rt.store.redis.incr(in_flight)
-        while rt.store.get(first).document.status is not JobStatus.RUNNING:
-            time.sleep(0.01)
-        time.sleep(0.5)  # the tiny model's pass would be long over, were it not waiting
-        later_ids.extend(submit(rt, job) for job in later)
-        rt.store.redis.decr(in_flight)
+        try:
+            assert waiting.wait(60), "the pass did not wait for the submission in flight"
+            later_ids.extend(submit(rt, job) for job in later)
+        except AssertionError as e:
+            failed.append(e)
+        finally:
+            rt.store.redis.decr(in_flight)
+        try:
+            wait_until(
+                lambda: rt.store.get(first).document.status is JobStatus.SUCCEEDED,
+                30,
+                "the pass stopped waiting once the burst was queued",
+            )
+        except AssertionError as e:
+            failed.append(e)
 
     burst = threading.Thread(target=api_busy_with_a_burst)
     burst.start()
-    started = time.monotonic()
     work(rt)
     burst.join()
-    assert time.monotonic() - started < 10, "it stopped waiting when the burst was queued"
+    assert not failed, failed
     assert rt.batching.passes == 1 and rt.batching.largest == 3
     for job_id, job in zip(later_ids, later, strict=True):
         assert_as_alone(rt, job_id, job)
 
 
 def test_with_nothing_in_flight_a_job_starts_at_once(
-    rt: tasks.Runtime, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+    rt: tasks.Runtime,
+    registry: ModelRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    waiting: threading.Event,
 ) -> None:
     wait_ms(registry, 10_000, monkeypatch)
     rt.store.redis.set(keys.submitting_key(MODEL, "trace"), 1)  # another kind: no reason
     job_id = submit(rt, ScoreJob(model=MODEL, texts=SHORT))
-    started = time.monotonic()
     work(rt)
-    assert time.monotonic() - started < 5
+    assert not waiting.is_set(), "it waited for submissions of another kind"
     assert rt.store.get(job_id).document.status is JobStatus.SUCCEEDED
 
 
@@ -308,20 +338,20 @@ def test_jobs_queued_over_http_are_batched_by_a_real_worker(
 
 
 def _wait_result(http: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, torch.Tensor]:
-    deadline = time.monotonic() + timeout
-    while (doc := http.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, doc
-        time.sleep(0.1)
+    def ended() -> dict[str, Any] | None:
+        doc = http.get(f"/v1/jobs/{job_id}").json()
+        return None if doc["status"] in ("queued", "running") else doc
+
+    doc = wait_until(ended, timeout, f"job {job_id} ended")
     assert doc["status"] == "succeeded", doc
     return load(http.get(f"/v1/jobs/{job_id}/result").content)
 
 
 def _worker_info(conn: redis.Redis, worker: str, timeout: float = 10) -> dict[str, Any]:
     """The worker's heartbeat once it reports a batch (it beats every 0.5 s here)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def reported() -> dict[str, Any] | None:
         info = presence.live_workers(conn).get(worker, {})
-        if info.get("batching", {}).get("passes"):
-            return info
-        time.sleep(0.1)
-    raise AssertionError(f"no batching stats from {worker}: {presence.live_workers(conn)}")
+        return info if info.get("batching", {}).get("passes") else None
+
+    return wait_until(reported, timeout, f"batching stats from {worker}")

@@ -8,7 +8,6 @@ table applied to the returned gates).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from app.client import (
 )
 from app.stack import Stack
 from tests.conftest import DEMO, service_settings
+from tests.waiting import poll_job
 
 TEXTS = ["red cat blue dog | red cat blue", "one two three | one two"]
 PROMPTS = ["red cat blue dog | red cat blue", "sun tree cup | sun tree", "one two | one"]
@@ -57,10 +57,7 @@ def demo(lens: LensClient):
 
 def raw_result(http: httpx.Client, job_id: str) -> dict[str, torch.Tensor]:
     """The job's result file as fetched with plain HTTP, once the job has succeeded."""
-    deadline = time.monotonic() + 120
-    while http.get(f"/v1/jobs/{job_id}").json()["status"] != "succeeded":
-        assert time.monotonic() < deadline, f"job {job_id} did not succeed"
-        time.sleep(0.2)
+    assert poll_job(http, job_id, timeout=120)["status"] == "succeeded"
     response = http.get(f"/v1/jobs/{job_id}/result")
     assert response.status_code == 200, response.text
     return load(response.content)

@@ -4,7 +4,6 @@ stops the reading of its file."""
 from __future__ import annotations
 
 import http.client
-import time
 from pathlib import Path
 
 import redis
@@ -13,6 +12,7 @@ from app.blobstore import BlobStore
 from app.jobstore import ANONYMOUS, JobStore
 from app.schemas import JobStatus, TensorInfo
 from app.stack import Stack
+from tests.waiting import wait_until
 
 MIB = 1 << 20
 
@@ -47,7 +47,12 @@ def test_a_client_that_hangs_up_stops_the_download(service: Stack) -> None:
         assert len(response.read(MIB)) == MIB
         client.sock.shutdown(2)  # hang up, mid-download
         client.close()
-        time.sleep(1.0)
+        api_log = service.settings.data_dir / "logs" / "api.log"
+        wait_until(
+            lambda: f"GET /v1/jobs/{job_id}/result 200" in api_log.read_text(),
+            30,
+            "the API ended the abandoned download (its access line is written at the end)",
+        )
         read = _read_bytes(service.api.pid) - before
         assert read < size / 4, f"the API read {read / MIB:.0f} MiB of a download abandoned at 1"
         again = http.client.HTTPConnection("127.0.0.1", service.settings.port, timeout=30)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,14 @@ from app import presence
 from app.core.redis_server import start_redis
 from app.stack import Stack
 from tests.conftest import DEMO, running_stack, service_settings
+from tests.waiting import ended, poll_job, wait_until
 
 HEARTBEAT_S = 1.0
 BOUND_S = 4 * HEARTBEAT_S
 """Worker death to failed job: 3 beats for its key to expire, then one reaping pass."""
 SLACK_S = 3.0
 """Scheduling noise on a busy 2-core machine, on top of the bound."""
+BEAT_FAILED = "heartbeat failed, Redis unavailable"
 PAIRS = {"texts": ["red cat blue dog | red cat blue", "one two | one"], "targets": [" dog", " two"]}
 LONG_CHG = {"kind": "chg", **PAIRS, "num_masks": 2, "batch_size": 2, "num_updates": 5000}
 LONG_CCHG = {
@@ -61,22 +62,12 @@ def submit(http: httpx.Client, model: str = DEMO, **body: Any) -> dict[str, Any]
     return r.json()
 
 
-def poll(http: httpx.Client, job_id: str, until, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = http.get(f"/v1/jobs/{job_id}").json()
-        if until(doc):
-            return doc
-        assert time.monotonic() < deadline, f"timed out waiting; last document: {doc}"
-        time.sleep(0.05)
+def log_of(stack: Stack, worker: str) -> str:
+    return (stack.settings.data_dir / "logs" / f"{worker}.log").read_text()
 
 
 def fitting(doc: dict[str, Any]) -> bool:
     return doc["status"] == "running" and (doc["progress"] or {}).get("step", 0) >= 2
-
-
-def final(doc: dict[str, Any]) -> bool:
-    return doc["status"] in ("succeeded", "failed", "cancelled")
 
 
 def metric(http: httpx.Client, name: str, **labels: str) -> float:
@@ -89,7 +80,7 @@ def metric(http: httpx.Client, name: str, **labels: str) -> float:
 
 def test_queue_visibility_with_a_model_no_worker_serves(http: httpx.Client) -> None:
     running = submit(http, **LONG_CHG)["id"]
-    poll(http, running, fitting)
+    poll_job(http, running, fitting)
     waiting = [submit(http, "idle", kind="score", texts="one")["id"] for _ in range(2)]
     assert [http.get(f"/v1/jobs/{i}").json()["queue_position"] for i in waiting] == [0, 1]
     models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
@@ -103,7 +94,7 @@ def test_queue_visibility_with_a_model_no_worker_serves(http: httpx.Client) -> N
     assert metric(http, "lens_workers") == 1
     for job_id in (running, *waiting):
         assert http.delete(f"/v1/jobs/{job_id}").status_code == 202
-    assert poll(http, running, final)["status"] == "cancelled"
+    assert poll_job(http, running, ended)["status"] == "cancelled"
     assert http.get("/v1/models/idle").json()["queue_depth"] == 0
 
 
@@ -112,16 +103,13 @@ def test_cancel_stops_a_running_fit_within_one_step(
     http: httpx.Client, body: dict[str, Any]
 ) -> None:
     job_id = submit(http, **body)["id"]
-    poll(http, job_id, fitting)
-    started = time.monotonic()
+    poll_job(http, job_id, fitting)
     assert http.delete(f"/v1/jobs/{job_id}").status_code == 202
     step_after_cancel = http.get(f"/v1/jobs/{job_id}").json()["progress"]["step"]
-    doc = poll(http, job_id, final, timeout=10)
-    elapsed = time.monotonic() - started
+    doc = poll_job(http, job_id, ended)
     assert doc["status"] == "cancelled", doc
     # the worker checks for a cancel before publishing each step: nothing after it
     assert doc["progress"]["step"] <= step_after_cancel
-    assert elapsed < 5, elapsed
     assert http.get(f"/v1/jobs/{job_id}/result").status_code == 409
 
 
@@ -135,12 +123,12 @@ def test_out_of_memory_fails_the_job_and_the_worker_goes_on(
         num_updates=2, num_reg_updates=0,
     )  # fmt: skip
     after = submit(http, kind="score", texts="red cat | red")
-    doc = poll(http, big["id"], final)
+    doc = poll_job(http, big["id"], ended)
     assert doc["status"] == "failed" and doc["error"]["type"] == "OutOfMemory", doc
     message = doc["error"]["message"]
     assert message.startswith("out of memory running chg: 64 texts")
     assert "num_masks × batch_size = 4096" in message
-    assert poll(http, after["id"], final)["status"] == "succeeded"
+    assert poll_job(http, after["id"], ended)["status"] == "succeeded"
     assert stack.workers["worker-0"].poll() is None and stack.workers["worker-0"].pid == pid
 
 
@@ -148,7 +136,8 @@ def test_redis_outage_is_503_then_both_sides_recover(http: httpx.Client, stack: 
     assert stack.redis is not None
     port, files, password = stack.redis.port, stack.redis.data_dir, stack.redis.password
     before = submit(http, kind="score", texts="one two")["id"]
-    poll(http, before, final)
+    poll_job(http, before, ended)
+    failed_beats = log_of(stack, "worker-0").count(BEAT_FAILED)
     stack.redis.stop()
     try:
         for method, path in (
@@ -162,33 +151,30 @@ def test_redis_outage_is_503_then_both_sides_recover(http: httpx.Client, stack: 
         r = http.post("/v1/jobs", json={"model": DEMO, "kind": "score", "texts": "one"})
         assert r.status_code == 503
         assert metric(http, "lens_redis_up") == 0
-        time.sleep(2 * HEARTBEAT_S)
+        wait_until(
+            lambda: log_of(stack, "worker-0").count(BEAT_FAILED) > failed_beats,
+            30,
+            "the worker noticed the outage",
+        )
     finally:
         stack.redis = start_redis(files, port, password=password)
-    back = time.monotonic()
-    while http.get("/healthz").status_code != 200:
-        assert time.monotonic() - back < 15, "the API did not reconnect"
-        time.sleep(0.1)
+    wait_until(lambda: http.get("/healthz").status_code == 200, 30, "the API reconnected")
     assert http.get(f"/v1/jobs/{before}").json()["status"] == "succeeded"
     after = submit(http, kind="score", texts="one two")
-    assert poll(http, after["id"], final, timeout=30)["status"] == "succeeded"
+    assert poll_job(http, after["id"], ended, timeout=30)["status"] == "succeeded"
 
 
 def test_a_worker_killed_mid_fit_fails_its_job_within_the_bound(
     http: httpx.Client, stack: Stack
 ) -> None:
     job_id = submit(http, **LONG_CHG)["id"]
-    poll(http, job_id, fitting)
+    poll_job(http, job_id, fitting)
     worker = stack.workers["worker-0"]
     os.kill(worker.pid, signal.SIGKILL)
-    killed = time.monotonic()
     worker.wait()
-    doc = poll(http, job_id, final, timeout=BOUND_S + SLACK_S + 10)
-    detected = time.monotonic() - killed
-    print(f"worker death to failed job: {detected:.2f} s (bound {BOUND_S:.0f} s)")
+    doc = poll_job(http, job_id, ended, timeout=BOUND_S + SLACK_S)
     assert doc["status"] == "failed", doc
     assert doc["error"]["type"] == "WorkerLost" and "worker-0" in doc["error"]["message"]
-    assert detected <= BOUND_S + SLACK_S
     assert not http.get(f"/v1/models/{DEMO}").json()["worker_alive"]
     conn = redis.Redis.from_url(stack.settings.redis_url)
     assert presence.live_workers(conn) == {} and conn.hlen("lens:running") == 0

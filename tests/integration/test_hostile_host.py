@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import stat
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,16 +24,10 @@ from app import queue
 from app.core.redis_server import PASSWORD_FILE
 from app.stack import Stack, child_env
 from tests.conftest import DEMO, JSONL, service_settings
+from tests.waiting import poll_job, wait_until
 
 BROKEN = "broken"
 SCORE = {"kind": "score", "model": DEMO, "texts": ["red cat | red"]}
-
-
-def _until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +54,7 @@ def http(stack: Stack) -> Iterator[httpx.Client]:
 def _run(http: httpx.Client, body: dict[str, object]) -> dict[str, object]:
     r = http.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
-    url = f"/v1/jobs/{r.json()['id']}"
-    _until(lambda: http.get(url).json()["status"] not in ("queued", "running"), 60, "job end")
-    return http.get(url).json()
+    return poll_job(http, r.json()["id"])
 
 
 def test_a_model_that_cannot_load_is_reported_and_the_other_is_served(
@@ -105,7 +96,7 @@ def test_a_worker_runs_nothing_but_lens_jobs(
     log = stack.settings.data_dir / "logs" / "worker-0.log"
     for job, why in ((foreign, "function 'os.system' is not"), (hooked, "names callbacks")):
         line = f"refused RQ job {job.id} from queue {rq_queue.name} (deleted): "
-        _until(lambda line=line: line in log.read_text(), 30, f"refusal of {job.id}")
+        wait_until(lambda line=line: line in log.read_text(), 30, f"refusal of {job.id}")
         assert why in log.read_text().split(line, 1)[1].splitlines()[0]
         assert not conn.exists(job.key)
     assert _run(http, SCORE)["status"] == "succeeded"  # the worker goes on

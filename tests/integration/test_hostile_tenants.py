@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -29,7 +28,8 @@ from app.core.redis_server import start_redis
 from app.keys import RUNNING, job_key
 from app.stack import Stack
 from tests.conftest import DEMO, running_stack, service_settings
-from tests.integration.test_failures import final, fitting, poll
+from tests.integration.test_failures import fitting
+from tests.waiting import ended, poll_job, wait_until
 
 IDLE, SPARE = "idle", "spare"
 KEYS = {name: f"{name}-key-0123456789abcdef" for name in "ABCDE"}
@@ -181,17 +181,15 @@ def test_quota_holds_against_a_burst(stack: Stack) -> None:
 
 
 def _started(http: httpx.Client, job_id: str) -> datetime:
-    doc = poll(http, job_id, lambda d: d["started_at"] is not None, timeout=120)
+    doc = poll_job(http, job_id, lambda d: d["started_at"] is not None, timeout=120)
     return datetime.fromisoformat(doc["started_at"])
 
 
 def test_a_key_waits_behind_at_most_one_job_of_another(a: httpx.Client, b: httpx.Client) -> None:
     """Key A queues 20 fits, then key B one score job: B's starts after at most one of A's."""
     mine = [submit(a, **CHG, num_updates=30, seed=i) for i in range(20)]
-    submitted = time.monotonic()
     theirs = submit(b, kind="score", texts="red cat | red")
     b_started = _started(b, theirs)
-    waited = time.monotonic() - submitted
     a_started = []
     for job_id in mine:
         doc = a.get(f"/v1/jobs/{job_id}").json()
@@ -199,11 +197,10 @@ def test_a_key_waits_behind_at_most_one_job_of_another(a: httpx.Client, b: httpx
             a_started.append(datetime.fromisoformat(doc["started_at"]))
         a.delete(f"/v1/jobs/{job_id}")
     ahead = sum(t < b_started for t in a_started)
-    print(f"B's job started after {ahead} of A's 20 jobs, {waited:.2f} s after its submission")
-    assert ahead <= 1
-    assert poll(b, theirs, final)["status"] == "succeeded"
+    assert ahead <= 1, f"B's job started after {ahead} of A's 20 jobs"
+    assert poll_job(b, theirs, ended)["status"] == "succeeded"
     for job_id in mine:
-        poll(a, job_id, final)
+        poll_job(a, job_id, ended)
 
 
 def test_a_16_mib_body_of_non_ascii_text_leaves_other_streams_up(
@@ -265,9 +262,12 @@ def test_streams_and_held_result_requests_are_capped_per_key(
         assert held.status_code == 429
         with b.stream("GET", f"/v1/jobs/{other}/events") as theirs:
             assert theirs.status_code == 200, "other keys are not affected"
-    deadline = time.monotonic() + 10
-    while (r := a.get(f"/v1/jobs/{job_id}/result", params={"wait": 0.1})).status_code == 429:
-        assert time.monotonic() < deadline, "closed streams give their places back"
+
+    def answered() -> httpx.Response | None:
+        r = a.get(f"/v1/jobs/{job_id}/result", params={"wait": 0.1})
+        return None if r.status_code == 429 else r
+
+    r = wait_until(answered, 10, "closed streams give their places back")
     assert r.status_code == 409
     a.delete(f"/v1/jobs/{job_id}")
     b.delete(f"/v1/jobs/{other}")
@@ -295,28 +295,26 @@ def _blob(stack: Stack, job_id: str, attempt: int) -> Path:
 def test_a_run_presumed_lost_cannot_touch_the_rerun(stack: Stack, a: httpx.Client) -> None:
     """retry_lost_jobs, and a worker paused mid-fit: it is presumed dead, the job runs again
     on the other worker and succeeds; the paused worker resumes and changes nothing."""
-    deadline = time.monotonic() + 120
-    while a.get(f"/v1/models/{SPARE}").json()["resident"] != ["worker-0", "worker-1"]:
-        assert time.monotonic() < deadline, "worker-1 did not start"
-        time.sleep(0.2)
+    wait_until(
+        lambda: a.get(f"/v1/models/{SPARE}").json()["resident"] == ["worker-0", "worker-1"],
+        120,
+        "worker-1 started",
+    )
     job_id = submit(a, SPARE, **CHG, num_updates=100, seed=7)
-    poll(a, job_id, fitting, timeout=60)
+    poll_job(a, job_id, fitting, timeout=60)
     holder = redis.Redis.from_url(stack.settings.redis_url).hget(job_key(job_id), "worker")
     assert holder is not None
     paused = holder.decode()
     os.kill(stack.workers[paused].pid, signal.SIGSTOP)
     try:
-        done = poll(a, job_id, final, timeout=90)
+        done = poll_job(a, job_id, ended, timeout=90)
     finally:
         os.kill(stack.workers[paused].pid, signal.SIGCONT)
     assert done["status"] == "succeeded" and done["retries"] == 1, done
     result = _blob(stack, job_id, 1)
     digest = hashlib.sha256(result.read_bytes()).hexdigest()
     log = stack.settings.data_dir / "logs" / f"{paused}.log"
-    deadline = time.monotonic() + 30
-    while f"job {job_id}: cancelled" not in log.read_text():
-        assert time.monotonic() < deadline, "the resumed run did not stop"
-        time.sleep(0.1)
+    wait_until(lambda: f"job {job_id}: cancelled" in log.read_text(), 30, "the resumed run stopped")
     after = a.get(f"/v1/jobs/{job_id}").json()
     assert after["status"] == "succeeded" and after["finished_at"] == done["finished_at"]
     assert hashlib.sha256(result.read_bytes()).hexdigest() == digest
@@ -325,29 +323,31 @@ def test_a_run_presumed_lost_cannot_touch_the_rerun(stack: Stack, a: httpx.Clien
     assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == digest
 
 
+def _healthy(http: httpx.Client) -> bool:
+    try:
+        return http.get("/healthz").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_a_redis_restart_mid_job_leaves_nothing_running(stack: Stack, a: httpx.Client) -> None:
     assert stack.redis is not None
     job_id = submit(a, **CHG, num_updates=150, seed=1)
-    poll(a, job_id, fitting, timeout=60)
+    poll_job(a, job_id, fitting, timeout=60)
     port, files, password = stack.redis.port, stack.redis.data_dir, stack.redis.password
+    worker_log = stack.settings.data_dir / "logs" / "worker-0.log"
     stack.redis.stop()
     try:
-        time.sleep(1.0)  # the worker's progress reports fail meanwhile
+        wait_until(
+            lambda: f"job {job_id}: progress: Redis unavailable" in worker_log.read_text(),
+            30,
+            "the worker's progress reports failed, and it kept its progress meanwhile",
+        )
     finally:
         stack.redis = start_redis(files, port, password=password)
-    back = time.monotonic()
-    while True:
-        try:
-            if a.get("/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() - back < 20, "the API did not reconnect"
-        time.sleep(0.1)
-    doc = poll(a, job_id, final, timeout=90)
+    wait_until(lambda: _healthy(a), 20, "the API reconnected")
+    doc = poll_job(a, job_id, ended, timeout=90)
     assert doc["status"] == "succeeded" and doc["retries"] == 0, "its run outlived the restart"
-    log = (stack.settings.data_dir / "logs" / "worker-0.log").read_text()
-    assert f"job {job_id}: progress: Redis unavailable" in log, "it kept its progress meanwhile"
     conn = redis.Redis.from_url(stack.settings.redis_url)
     assert conn.hlen(RUNNING) == 0
     jobs = a.get("/v1/jobs").json()["jobs"]

@@ -5,7 +5,6 @@ file), and the workers finish or cleanly fail what they were running."""
 from __future__ import annotations
 
 import re
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import redis
 
 from app.stack import Stack
 from tests.conftest import DEMO, service_settings
+from tests.waiting import ended, poll_job
 
 PAIRS = {"texts": ["red cat blue dog | red cat blue", "one two | one"], "targets": [" dog", " two"]}
 GRACE_S = 6.0
@@ -24,18 +24,6 @@ def submit(http: httpx.Client, model: str = DEMO, **body: Any) -> str:
     r = http.post("/v1/jobs", json={"model": model, **body})
     assert r.status_code == 202, r.text
     return r.json()["id"]
-
-
-def wait_for(http: httpx.Client, job_id: str, until, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while not until(doc := http.get(f"/v1/jobs/{job_id}").json()):
-        assert time.monotonic() < deadline, doc
-        time.sleep(0.05)
-    return doc
-
-
-def final(doc: dict[str, Any]) -> bool:
-    return doc["status"] in ("succeeded", "failed", "cancelled")
 
 
 def fitting(doc: dict[str, Any]) -> bool:
@@ -61,7 +49,7 @@ def test_a_restart_of_the_whole_stack_loses_nothing(tmp_path: Path, demo_model_d
         first.wait_ready(timeout=180, models=[DEMO])
         with httpx.Client(base_url=first.url, timeout=30) as http:
             done = submit(http, kind="score", texts="red cat | red")
-            assert wait_for(http, done, final)["status"] == "succeeded"
+            assert poll_job(http, done, ended)["status"] == "succeeded"
             result = http.get(f"/v1/jobs/{done}/result").content
             queued = submit(http, "later", kind="score", texts="one two | one")
             long_fit = submit(
@@ -71,8 +59,8 @@ def test_a_restart_of_the_whole_stack_loses_nothing(tmp_path: Path, demo_model_d
                 http, kind="chg", **PAIRS, num_masks=1, batch_size=2, num_updates=10,
                 num_reg_updates=0,
             )  # fmt: skip
-            wait_for(http, long_fit, fitting)
-            wait_for(http, short_fit, lambda doc: fitting(doc) or final(doc))
+            poll_job(http, long_fit, fitting)
+            poll_job(http, short_fit, lambda doc: fitting(doc) or ended(doc))
             listed = http.get("/v1/jobs").json()["jobs"]
     finally:
         workers = dict(first.workers)
@@ -91,7 +79,7 @@ def test_a_restart_of_the_whole_stack_loses_nothing(tmp_path: Path, demo_model_d
         assert Path(conn.config_get("dir")["dir"]) == (tmp_path / "redis").resolve()
         with httpx.Client(base_url=second.url, timeout=30) as http:
             assert http.get(f"/v1/jobs/{done}/result").content == result
-            assert wait_for(http, queued, final)["status"] == "succeeded"
+            assert poll_job(http, queued, ended)["status"] == "succeeded"
             assert http.get(f"/v1/jobs/{short_fit}").json()["status"] == "succeeded"
             assert http.get(f"/v1/jobs/{short_fit}/result").status_code == 200
             stopped = http.get(f"/v1/jobs/{long_fit}").json()

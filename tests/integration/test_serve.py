@@ -9,8 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,17 +19,11 @@ from app import presence
 from app.core.redis_server import PASSWORD_FILE, RedisServer, free_port
 from app.stack import MAX_QUICK_EXITS, ChildExited, Stack
 from tests.conftest import DEMO, service_settings
+from tests.waiting import poll_job, wait_until
 
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
-
-
-def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.2)
 
 
 def test_a_model_that_cannot_load_stops_serve_with_the_workers_reason(tmp_path: Path) -> None:
@@ -69,7 +61,7 @@ def test_a_worker_or_redis_that_dies_is_started_again_and_jobs_go_on(
             env=_env(), stdout=stdout, stderr=stderr,
         )  # fmt: skip
     try:
-        _until(lambda: "lens-server ready" in out.read_text(), 120, "ready line")
+        wait_until(lambda: "lens-server ready" in out.read_text(), 120, "ready line")
         shown = re.search(r"redis (redis://:\*\*\*@127\.0\.0\.1:(\d+)/0)", out.read_text())
         assert shown, out.read_text()
         password = (data / "redis" / PASSWORD_FILE).read_text().strip()
@@ -81,18 +73,17 @@ def test_a_worker_or_redis_that_dies_is_started_again_and_jobs_go_on(
             pids = {w["pid"] for w in presence.live_workers(conn).values()}
             return bool(pids - {first["pid"]})
 
-        _until(restarted, 120, "new worker")
+        wait_until(restarted, 120, "new worker")
         assert "worker-0 exited with code -9" in err.read_text()
         assert "starting worker-0 again" in err.read_text()
         (redis_pid,) = [p for p in _children(serve.pid) if "redis-server" in _cmdline(p)]
         os.kill(redis_pid, signal.SIGKILL)
-        _until(lambda: "starting redis again" in err.read_text(), 30, "restart of redis")
+        wait_until(lambda: "starting redis again" in err.read_text(), 30, "restart of redis")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             job = http.post("/v1/jobs", json={"kind": "score", "model": DEMO, "texts": ["a b"]})
             assert job.status_code == 202, job.text
-            url = f"/v1/jobs/{job.json()['id']}"
-            _until(lambda: http.get(url).json()["status"] in ("succeeded", "failed"), 120, "end")
-            assert http.get(url).json()["status"] == "succeeded", http.get(url).text
+            doc = poll_job(http, job.json()["id"], timeout=120)
+            assert doc["status"] == "succeeded", doc
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=120) == 0, err.read_text()
@@ -178,12 +169,12 @@ def test_nothing_outlives_a_killed_serve(tmp_path: Path, demo_model_dir: Path) -
             env=_env(), stdout=stdout, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     try:
-        _until(lambda: "starting: redis" in out.read_text(), 60, "children started")
+        wait_until(lambda: "starting: redis" in out.read_text(), 60, "children started")
         children = _children(serve.pid)
         assert len(children) == 4 and any("redis-server" in _cmdline(p) for p in children)
         serve.kill()
         serve.wait(10)
-        _until(lambda: not [p for p in children if _alive(p)], 60, "end of every child")
+        wait_until(lambda: not [p for p in children if _alive(p)], 60, "end of every child")
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -8,8 +8,6 @@ fit runs can only have been run by the fit's pauses.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from safetensors.torch import load_file
 from app.keys import RUNNING
 from app.schemas import ChgJob, JobDocument, JobStatus, ScoreJob, TraceJob
 from tests.integration.test_batching import LONG, MEDIUM, MODEL, SHORT, assert_as_alone
+from tests.waiting import wait_until
 from tests.workers.conftest import submit
 from tests.workers.test_claim import rq_takes
 from workers import shared_pass, tasks
@@ -38,14 +37,6 @@ SHORT_JOB_BOUND_S = 2.0
 """The issue's bound on this CPU: one update plus the short job's own run, with room."""
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.005)
-
-
 def document(rt: tasks.Runtime, job_id: str) -> JobDocument:
     record = rt.store.get(job_id)
     assert record is not None
@@ -62,13 +53,20 @@ def test_a_short_job_submitted_during_a_fit_is_served_between_two_updates(
     runner = threading.Thread(target=tasks.run_job, args=(fit_id,))
     runner.start()
     try:
-        wait_for("the fit's first update", lambda: document(rt, fit_id).progress is not None)
+        wait_until(
+            lambda: document(rt, fit_id).progress is not None,
+            120,
+            "the fit's first update",
+            interval=0.005,
+        )
         score = ScoreJob(model=MODEL, texts=MEDIUM)
         trace = TraceJob(model=MODEL, texts=LONG, layers=[1], sites=["block_output"])
         short_ids = [submit(rt, score), submit(rt, trace)]
-        wait_for(
-            "the short jobs' end",
+        wait_until(
             lambda: all(document(rt, i).status.is_final for i in short_ids),
+            SHORT_JOB_BOUND_S,
+            "the short jobs' end, served in the fit's pauses",
+            interval=0.005,
         )
     finally:
         runner.join()
@@ -79,12 +77,10 @@ def test_a_short_job_submitted_during_a_fit_is_served_between_two_updates(
         assert doc.status is JobStatus.SUCCEEDED, doc.error
         assert doc.finished_at is not None and done.finished_at is not None
         assert doc.finished_at < done.finished_at, "served while the fit was running"
-        took = (doc.finished_at - doc.created_at).total_seconds()
-        assert took <= SHORT_JOB_BOUND_S, f"{job.kind} took {took:.2f} s"
         assert_as_alone(rt, job_id, job)  # ungated: what it computes alone
     pauses = done.summary["pauses"]
     assert pauses["jobs"] == 2 and 1 <= pauses["count"] <= 2
-    assert pauses["longest_s"] <= pauses["seconds"] < SHORT_JOB_BOUND_S
+    assert 0 < pauses["longest_s"] <= pauses["seconds"]
     got = load_file(rt.blobs.path(fit_id))
     alone = fit_chg(rt.registry.get(MODEL), PROMPTS, TARGETS, **FIT)
     for name, want in alone.tensors.items():

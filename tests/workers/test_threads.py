@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from app.core.config import ModelSpec, Settings
 from workers.threads import GPU_WORKER_THREADS, on_gpus, thread_budget
@@ -42,7 +41,6 @@ def test_a_model_is_on_gpus_unless_placed_on_the_cpu(spec: ModelSpec, gpu: bool)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_worker_whose_models_are_on_gpus_takes_few_threads() -> None:
     on_gpu = Settings(models={"m": ModelSpec(source="/m")})
     assert thread_budget(on_gpu, ["m"], cores=64) == GPU_WORKER_THREADS

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from tests.waiting import wait_until
 from workers.lens import demo
 from workers.lens.errors import Cancelled, InvalidParameter
 from workers.lens.prompt_targets import encode_prompt_targets
@@ -191,10 +193,12 @@ def test_failed_build_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None
     assert sorted(p.name for p in target.iterdir()) == before
 
 
-def fake_build(calls: list[Path]):
+def fake_build(calls: list[Path], locking: Callable[[], bool] = lambda: True):
+    """A build that records its calls, and finishes only once ``locking`` holds."""
+
     def build(path: Path, **_: object) -> Path:
         calls.append(path)
-        time.sleep(0.2)
+        wait_until(locking, 30, "every caller asked for the build's lock")
         path.mkdir(parents=True)
         (path / "demo.json").write_text("{}")
         return path
@@ -204,7 +208,16 @@ def fake_build(calls: list[Path]):
 
 def test_ensure_builds_once_for_concurrent_callers(tmp_path: Path, monkeypatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(demo, "build_demo_model", fake_build(calls))
+    asked: list[int] = []
+    flock = fcntl.flock
+
+    def counted_flock(fd: Any, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:
+            asked.append(operation)
+        flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", counted_flock)
+    monkeypatch.setattr(demo, "build_demo_model", fake_build(calls, lambda: len(asked) == 4))
     start = threading.Barrier(4)
     results: list[Path] = []
 

@@ -3,7 +3,6 @@ written while a job runs (worker) or is requested (API) carries its id."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
@@ -11,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.stack import Stack
 from tests.conftest import DEMO
+from tests.waiting import wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -29,10 +29,11 @@ def run(http: httpx.Client, **body: Any) -> str:
     r = http.post("/v1/jobs", json={"model": DEMO, **body})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    deadline = time.monotonic() + 60
-    while http.get(f"/v1/jobs/{job_id}").json()["status"] != "succeeded":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(
+        lambda: http.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded",
+        60,
+        f"job {job_id} succeeded",
+    )
     return job_id
 
 
@@ -66,8 +67,12 @@ def test_metrics_follow_real_jobs(http: httpx.Client) -> None:
 def test_every_line_of_a_job_carries_its_id(http: httpx.Client, service: Stack) -> None:
     job_id = run(http, kind="chg", texts=["red cat | red"], targets=[" cat"], num_masks=1,
                  num_updates=3, num_reg_updates=1, batch_size=1)  # fmt: skip
-    time.sleep(0.3)
     logs = service.settings.data_dir / "logs"
+    wait_until(
+        lambda: f"job {job_id}: succeeded" in (logs / "worker-0.log").read_text(),
+        10,
+        "the worker logged the job's end",
+    )
     worker = [line for line in (logs / "worker-0.log").read_text().splitlines() if "ts=" in line]
     mine = [line for line in worker if job_id in line]
     assert len(mine) >= 2 and all(f" job={job_id} " in line for line in mine)

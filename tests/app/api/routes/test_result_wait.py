@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from app.events import EventHub
 from app.jobstore import ANONYMOUS, JobStore
 from app.schemas import JobError, JobStatus
 from tests.conftest import api_client
+from tests.waiting import await_until, wait_until
 
 CONTENT = os.urandom(3000)
 
@@ -47,8 +49,14 @@ def _api(redis_server: RedisServer, tmp_path: Path, blobs: BlobStore) -> Iterato
 
 
 @contextmanager
-def _later(action: Callable[[], None], delay_s: float = 0.3) -> Iterator[None]:
-    thread = threading.Timer(delay_s, action)
+def _once_waiting(client: TestClient, job_id: str, action: Callable[[], None]) -> Iterator[None]:
+    """Run ``action`` in another thread as soon as a request waits on ``job_id``'s events."""
+
+    def act() -> None:
+        wait_until(lambda: job_id in client.app.state.events._inboxes, 10, "a request waits")
+        action()
+
+    thread = threading.Thread(target=act)
     thread.start()
     try:
         yield
@@ -68,12 +76,11 @@ def test_the_result_comes_as_soon_as_the_job_succeeds(
 
     with _api(redis_server, tmp_path, blobs) as client:
         assert client.get(f"/v1/jobs/{job_id}/result").status_code == 409  # no wait: at once
-        began = time.monotonic()  # the job ends 0.3 s from here
-        with _later(succeed):
-            r = client.get(f"/v1/jobs/{job_id}/result", params={"wait": 30})
-        waited = time.monotonic() - began
+        with ThreadPoolExecutor(1) as pool, _once_waiting(client, job_id, succeed):
+            asked = pool.submit(client.get, f"/v1/jobs/{job_id}/result", params={"wait": 60})
+            wait_until(asked.done, 10, "the result came when the job ended, not at the wait's end")
+    r = asked.result()
     assert r.status_code == 200 and r.content == CONTENT
-    assert 0.2 < waited < 10, waited
 
 
 def test_a_job_that_fails_meanwhile_is_409_with_its_error(
@@ -85,7 +92,7 @@ def test_a_job_that_fails_meanwhile_is_409_with_its_error(
     def fail() -> None:
         assert store.finish(job_id, JobStatus.FAILED, error=error, ttl_s=100)
 
-    with _api(redis_server, tmp_path, blobs) as client, _later(fail):
+    with _api(redis_server, tmp_path, blobs) as client, _once_waiting(client, job_id, fail):
         r = client.get(f"/v1/jobs/{job_id}/result", params={"wait": 30})
     assert r.status_code == 409
     assert r.json()["detail"] == (
@@ -137,8 +144,8 @@ def test_a_wait_ends_when_its_client_goes_away(
         request = Request({"type": "http", "method": "GET", "headers": []}, messages.get)
         try:
             waiting = asyncio.create_task(jobs._ended(job_id, aconn, hub, request, 600))
-            await asyncio.sleep(0.3)
-            assert not waiting.done() and job_id in hub._inboxes
+            await await_until(lambda: job_id in hub._inboxes, 10, "the wait subscribed")
+            assert not waiting.done()
             messages.put_nowait({"type": "http.disconnect"})
             assert await asyncio.wait_for(waiting, 5) is None
             assert job_id not in hub._inboxes

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from app.jobstore import ANONYMOUS, JobStore
 from app.main import create_app
 from app.schemas import JobStatus
 from tests.conftest import api_client
+from tests.waiting import wait_until
 
 
 @contextmanager
@@ -83,12 +83,14 @@ def test_a_file_read_from_disk_comes_back_whole(
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        for _ in range(5):  # pages still in another CPU's LRU batch are not dropped at once
+
+        def dropped() -> bool:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            if not result_file._cached(fd, 0, CHUNK_BYTES):
-                break
-            time.sleep(0.05)
-        else:
+            return not result_file._cached(fd, 0, CHUNK_BYTES)
+
+        try:  # pages still in another CPU's LRU batch are not dropped at once
+            wait_until(dropped, 1, "the file's pages dropped from the cache")
+        except AssertionError:
             pytest.skip("this file system keeps the file cached")
         chunks = FileChunks(fd)
         assert asyncio.run(chunks.read(0, CHUNK_BYTES)) == content[:CHUNK_BYTES]

@@ -20,6 +20,7 @@ from app.main import create_app
 from app.maintenance import sweep
 from app.schemas import JobStatus
 from tests.conftest import JSONL, LOCAL
+from tests.waiting import wait_until
 
 
 def finished(store: JobStore, blobs: BlobStore, ttl_s: int) -> str:
@@ -79,10 +80,13 @@ def test_results_and_data_sets_expire_after_the_operator_ttl(
         job_id = finished(store, blobs, ttl_s=settings.result_ttl_s)
         assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200
         assert (settings.dataset_dir / f"{dataset}.json").exists()
-        deadline = time.monotonic() + 10
-        while blobs.exists(job_id) or (settings.dataset_dir / f"{dataset}.json").exists():
-            assert time.monotonic() < deadline, "the sweeper did not delete the expired files"
-            time.sleep(0.1)
+        wait_until(
+            lambda: (
+                not blobs.exists(job_id) and not (settings.dataset_dir / f"{dataset}.json").exists()
+            ),
+            10,
+            "the sweeper deleted the expired files",
+        )
         assert client.get(f"/v1/jobs/{job_id}").status_code == 404
         r = client.post(
             "/v1/jobs", json={"kind": "chg", "model": "m", "dataset": dataset, "num_updates": 1}

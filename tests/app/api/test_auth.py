@@ -162,7 +162,7 @@ def test_job_ids_are_unguessable_and_paths_never_come_from_input(client: TestCli
 
 def test_nothing_is_ever_unpickled() -> None:
     """Queues speak JSON, results are safetensors, weights load as safetensors only."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     sources = [*root.glob("app/**/*.py"), *root.glob("workers/**/*.py")]
     banned = ("import pickle", "from pickle", "cloudpickle", "import dill", "torch.load(")
     offenders = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import redis
 
 from app.core.redis_server import RedisServer, free_port
+from tests.waiting import wait_until
 
 ALICE, BOB = "alice-9f8e7d6c5b4a39281706", "bob-1a2b3c4d5e6f70819203"
 
@@ -24,6 +24,14 @@ def lens(*args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "app.cli.main", *args], env=env, stdout=out, stderr=subprocess.STDOUT
     )
+
+
+def _answers(proc: subprocess.Popen[bytes], url: str, log: Path) -> bool:
+    assert proc.poll() is None, log.read_text()
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.fixture
@@ -39,16 +47,7 @@ def api(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.1)
+        wait_until(lambda: _answers(proc, url, log), 60, "the API started")
         yield url, log
     finally:
         proc.terminate()
@@ -79,8 +78,11 @@ def test_keys_from_a_file_guard_every_job_and_never_reach_the_log(
         assert http.get(f"/v1/jobs/{job_id}/events", headers=bob).status_code == 404
         assert http.delete(f"/v1/jobs/{job_id}", headers=bob).status_code == 404
         assert http.get(f"/v1/jobs/{job_id}", headers=alice).json()["status"] == "queued"
-    time.sleep(0.3)
-    text = log.read_text()
+    text = wait_until(
+        lambda: (t := log.read_text()).count(f"/v1/jobs/{job_id}") == 4 and t,
+        10,
+        "the API logged the job's four requests",
+    )
     assert ALICE not in text and BOB not in text and BOB[::-1] not in text
     lines = [line for line in text.splitlines() if f"/v1/jobs/{job_id}" in line]
     assert len(lines) == 4 and all(f"job={job_id}" in line for line in lines)

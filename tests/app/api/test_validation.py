@@ -12,7 +12,7 @@ import redis.connection
 
 from app import presence, tokens
 from app.core.redis_server import RedisServer
-from tests.app.test_token_counts import word_tokenizer
+from tests.app.test_tokens import word_tokenizer
 from tests.conftest import api_client
 
 
