@@ -30,7 +30,7 @@ from app.schemas import JobStatus, ScoreJob, TraceJob
 from app.stack import Stack
 from tests.conftest import DEMO, service_settings
 from tests.waiting import wait_until
-from tests.workers.test_batcher import alone
+from tests.workers.test_shared_pass import alone
 from workers import shared_pass, tasks
 from workers.lens.loading import LoadedModel, load_model
 from workers.lens.scoring import score
