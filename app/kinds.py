@@ -30,7 +30,7 @@ class KindSpec:
     """One job kind. ``request``: its model's class name in :mod:`app.schemas`;
     ``handler``: ``module.function`` run by a worker; ``result``: its class name in
     :mod:`app.client.results`; ``batchable``: its jobs may share a forward pass with
-    others of the model (:mod:`workers.batcher` still refuses the ones that cannot);
+    others of the model (:mod:`workers.shared_pass` still refuses the ones that cannot);
     ``progress``: it reports progress after every step (so a fit can pause there for
     short jobs, and the client shows a bar)."""
 

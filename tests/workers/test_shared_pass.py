@@ -1,4 +1,4 @@
-"""The batcher on a tiny Llama: every job of a shared pass gets what it gets alone."""
+"""The shared pass on a tiny Llama: every job of a shared pass gets what it gets alone."""
 
 from __future__ import annotations
 
