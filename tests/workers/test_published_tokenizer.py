@@ -33,6 +33,8 @@ TEXTS = [
     "red cat blue dog | red cat " * 300,
     " ",
 ]
+DATASET = "0123456789abcdef" * 2
+"""A well-formed data set id (the store reads no other)."""
 ROWS = [{"prompt": t, "target": " Paris"} for t in TEXTS[:3]] + [{"prompt": "a", "target": "é"}]
 
 
@@ -58,12 +60,12 @@ def test_the_api_counts_what_the_worker_counts(
     tokenizer = _tokenizer(source, tmp_path)
     sha256 = publish_tokenizer(redis_conn, tokenizer)
     assert sha256 is not None and redis_conn.exists(keys.tokenizer_key(sha256))
-    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    (tmp_path / f"{DATASET}.json").write_text(json.dumps(ROWS))
     job = TypeAdapter(JobRequest).validate_python(
         {"kind": "chg", "model": "m", "texts": TEXTS, "targets": ["x"] * len(TEXTS)}
     )
     from_data = TypeAdapter(JobRequest).validate_python(
-        {"kind": "chg", "model": "m", "dataset": "d"}
+        {"kind": "chg", "model": "m", "dataset": DATASET}
     )
     encode = tokens.published_encoder(redis_conn, sha256)
     assert encode is not None

@@ -269,7 +269,7 @@ def test_bf16_weights_fit_like_fp32(demo_model_dir: Path) -> None:
 
 
 def test_the_result_holds_roles_per_mask_and_their_consensus(tiny: LoadedModel) -> None:
-    result = fit_chg(tiny, PROMPTS, TARGETS, num_masks=3, num_updates=3, seed=2)
+    result = fit_chg(tiny, PROMPTS, TARGETS, num_masks=3, num_updates=3, num_reg_updates=3, seed=2)
     t, s = result.tensors, result.summary
     layers, heads = tiny.adapter.num_layers, tiny.adapter.num_heads
     assert t["mask_roles"].shape == (3, layers, heads) and t["mask_roles"].dtype == torch.int8
