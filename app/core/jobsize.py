@@ -459,6 +459,24 @@ def _graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
     return shape.layers * rows * seq * per_token * shape.dtype_bytes
 
 
+def _checkpointed_graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
+    """:func:`_graph_bytes` with gradient checkpointing per block: each block keeps only
+    its input (one hidden width per token) until the backward pass, which holds one
+    block's graph at a time while it recomputes it."""
+    inputs = shape.layers * rows * seq * shape.hidden_size * shape.dtype_bytes
+    return inputs + _graph_bytes(shape, rows, seq) // shape.layers
+
+
+def _fit_graph_bytes(job: ChgJob | CchgJob, shape: ModelShape, rows: int, seq: int) -> int:
+    """What autograd keeps of a fit's pass over batches of up to ``seq`` tokens: batches
+    of ``checkpoint_above`` tokens or more are checkpointed, shorter ones are not (so a
+    batch just under it may hold the most)."""
+    plain = _graph_bytes(shape, rows, min(seq, job.checkpoint_above - 1))
+    if seq < job.checkpoint_above:
+        return plain
+    return max(plain, _checkpointed_graph_bytes(shape, rows, seq))
+
+
 def _fit_rows(job: ChgJob | CchgJob, n: int) -> int:
     return min(job.batch_size, max(n, 1))
 
@@ -485,13 +503,13 @@ def peak_bytes(job: JobRequest, shape: ModelShape, tokens: Tokens) -> int:
         picks = max(t for _, t in examples)
         sets = job.num_masks * (2 if job.num_reg_updates else 1)
         rows = sets * _fit_rows(job, len(examples))
-        return result + _graph_bytes(shape, rows, seq) + 3 * rows * picks * v * 4
+        return result + _fit_graph_bytes(job, shape, rows, seq) + 3 * rows * picks * v * 4
     if isinstance(job, CchgJob):
         sides = [_pairs(tokens, "retain"), _pairs(tokens, "forget")]
         seq = max(p + t for side in sides for p, t in side)
         picks = max(t for side in sides for _, t in side)
         rows = job.num_masks * _fit_rows(job, len(sides[0]))
-        return result + 2 * (_graph_bytes(shape, rows, seq) + 3 * rows * picks * v * 4)
+        return result + 2 * (_fit_graph_bytes(job, shape, rows, seq) + 3 * rows * picks * v * 4)
     if isinstance(job, AblateJob):
         examples = _examples(job, tokens)
         seq = max(p + t for p, t in examples)
