@@ -260,7 +260,7 @@ class ChgJob(_PromptTargets):
             "Gradient checkpointing for batches of examples this many tokens long or more "
             "(padded), as attribute jobs do past 512 tokens: each block keeps only its input "
             "and recomputes the rest in the backward pass. The same fit in less memory, for "
-            "about a third more compute."
+            "one more forward pass of each block."
         ),
     )
 

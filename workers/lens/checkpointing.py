@@ -3,8 +3,8 @@
 A backward pass through a long input keeps every block's activations (queries, keys,
 values, the MLP's inner width…) until it runs. Checkpointed, a block keeps only its
 input and recomputes its activations when the backward pass reaches it: the memory of
-one block's graph instead of all of them, for about a third more compute. Jobs that
-differentiate (attribute, chg, cchg) turn it on for inputs of ``checkpoint_above``
+one block's graph instead of all of them, for one more forward pass of each block. Jobs
+that differentiate (attribute, chg, cchg) turn it on for inputs of ``checkpoint_above``
 tokens or more.
 """
 

@@ -124,8 +124,8 @@ def fit_chg(
     """Fit ``num_masks`` gate sets in the three CHG stages and classify every head.
 
     Batches of examples of ``checkpoint_above`` tokens or more (padded) are fitted with
-    gradient checkpointing per block: the same fit in less memory, for about a third
-    more compute."""
+    gradient checkpointing per block: the same fit in less memory, for one more forward
+    pass of each block."""
     check_counts(
         num_masks=(num_masks, 1),
         num_updates=(num_updates, 1),
