@@ -459,11 +459,12 @@ def _graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
     return shape.layers * rows * seq * per_token * shape.dtype_bytes
 
 
-CHECKPOINTED_BLOCK_GRAPHS = 8
+CHECKPOINTED_BLOCK_GRAPHS = 3
 """Blocks' graphs a checkpointed backward pass holds beside the blocks' inputs: the block
-it recomputes, its gradients and the passes' transients. Measured, not derived: a chg
-update of 2 × 1024 tokens on the SmolLM2-135M shape peaked at 0.58 GiB above the model
-on the CPU, which this count covers (``bench/chg_memory.py``)."""
+it recomputes, its gradients and the passes' transients. A chg update of 2 × 1024 tokens
+on the SmolLM2-135M shape peaked at 0.23 GiB of live memory above the model on the CPU:
+the inputs and about one and a half blocks' graphs (``bench/chg_memory.py``; glibc's heap
+may keep more resident after frees, which no estimate of live tensors covers)."""
 
 
 def _checkpointed_graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
