@@ -77,12 +77,12 @@ def test_gate_gradients_are_the_same_checkpointed(
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_chg_fit_is_the_same_checkpointed(models: dict[str, LoadedModel], family: str) -> None:
     lm = models[family]
-    args = {"num_masks": 2, "num_updates": 3, "num_reg_updates": 2, "batch_size": 2, "seed": 3}
+    args = {"num_masks": 2, "num_updates": 2, "num_reg_updates": 1, "batch_size": 2, "seed": 3}
     plain = fit_chg(lm, PROMPTS, TARGETS, **args, checkpoint_above=OFF)
     with counting_block_calls(lm) as calls:
         ckpt = fit_chg(lm, PROMPTS, TARGETS, **args, checkpoint_above=1)
-    # Each of the 5 updates recomputes the last block once; evaluation passes do not.
-    assert len(calls) == 2 * 5
+    # Each of the 3 updates runs the last block once and recomputes it once.
+    assert len(calls) == 2 * 3
     for name in ("masks.none", "masks.positive", "masks.negative", "gate_signal", "nll.none"):
         torch.testing.assert_close(ckpt.tensors[name], plain.tensors[name], **TOL)
     assert_left_unchanged(lm)
