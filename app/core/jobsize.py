@@ -462,7 +462,7 @@ def _graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
 CHECKPOINTED_BLOCK_GRAPHS = 3
 """Blocks' graphs a checkpointed backward pass holds beside the blocks' inputs: the block
 it recomputes, its gradients and the passes' transients. A chg update of 2 × 1024 tokens
-on the SmolLM2-135M shape peaked at 0.23 GiB of live memory above the model on the CPU:
+on the SmolLM2-135M shape peaked at 0.24 GiB of live memory above the model on the CPU:
 the inputs and about one and a half blocks' graphs (``bench/chg_memory.py``; glibc's heap
 may keep more resident after frees, which no estimate of live tensors covers)."""
 
