@@ -243,7 +243,8 @@ def _chg_cell(chg: dict[str, Any], dtype: str) -> str:
     if ours is None and seed is None:
         return "not run"
     if not isinstance(ours, dict):
-        return str(ours)
+        seed_part = f"; seed {_per_update(seed)}" if isinstance(seed, dict) else ""
+        return f"ours {ours}{seed_part}"
     cell = _per_update(ours)
     if isinstance(seed, dict):
         ratio = seed["cpu_seconds_per_update"] / ours["cpu_seconds_per_update"]
