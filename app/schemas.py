@@ -273,6 +273,16 @@ class ChgJob(_PromptTargets):
     threshold: float = Field(0.5, ge=0, le=1, description="Score needed to take a role.")
     consensus: Consensus = 0.5
     record_history: bool = Field(False, description="Store the gates after every update.")
+    checkpoint_above: int = Field(
+        512,
+        ge=1,
+        description=(
+            "Gradient checkpointing for batches of examples this many tokens long or more "
+            "(padded), as attribute jobs do past 512 tokens: each block keeps only its input "
+            "and recomputes the rest in the backward pass. The same fit in less memory, for "
+            "one more forward pass of each block."
+        ),
+    )
 
 
 class AblateJob(_PromptTargets):
@@ -331,6 +341,9 @@ class CchgJob(_JobBase):
     l1_weight: float = Field(0.1, ge=0)
     diff_clip: float = Field(5.0, gt=0, description="Clamp of forget − retain log-prob from below.")
     seed: int | None = None
+    checkpoint_above: int = Field(
+        512, ge=1, description="Gradient checkpointing from this many tokens, as chg's."
+    )
 
     @model_validator(mode="after")
     def _check_pairs(self) -> CchgJob:

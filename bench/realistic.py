@@ -102,23 +102,28 @@ def measure_shape(
             idle = status_bytes(worker, "VmRSS")
             reset_peak(worker)
             trip = client.round_trip(body)
+            estimate = submission_estimate(client, trip.job_id)
             row[kind] = {
                 "seconds": trip.seconds,
                 "worker_idle": idle,
                 "worker_peak": status_bytes(worker, "VmHWM"),
                 "result_bytes": trip.result_bytes,
-                "estimate": submission_estimate(client, trip.job_id),
+                "estimate": estimate and estimate["result_bytes"],
+                "peak_estimate": estimate and estimate["peak_bytes"],
             }
             print(f"[shapes] {name}: {kind} {row[kind]}", flush=True)
     row["chg"] = chg_comparison(path, threads, chg_dtypes)
     return row
 
 
-def submission_estimate(client: BenchClient, job_id: str) -> int | None:
-    """The result size the API estimated at submission, in bytes, as it stored it in the
-    job's document (``estimate``); ``None`` where it made none (no shape published)."""
+def submission_estimate(client: BenchClient, job_id: str) -> dict[str, int] | None:
+    """The result size and peak memory the API estimated at submission, in bytes, as it
+    stored them in the job's document (``estimate``: ``result_bytes``, ``peak_bytes``);
+    ``None`` where it made none (no shape published)."""
     estimate = client.get_json(f"/v1/jobs/{job_id}").get("estimate")
-    return int(estimate["result_bytes"]) if estimate else None
+    if not estimate:
+        return None
+    return {k: int(estimate[k]) for k in ("result_bytes", "peak_bytes")}
 
 
 def chg_comparison(path: Path, threads: int | None, dtypes: list[str]) -> dict[str, Any]:
@@ -214,7 +219,23 @@ def _size(job: dict[str, Any]) -> str:
     if job["estimate"] is None:
         return f"{real} (estimate n/a)"
     estimate = job["estimate"]
-    return f"{real} (est. {estimate / 1e6:.1f} MB, {estimate / job['result_bytes']:.2f}×)"
+    late = "*" if job.get("estimate_after_the_run") else ""
+    return f"{real} (est.{late} {estimate / 1e6:.1f} MB, {estimate / job['result_bytes']:.2f}×)"
+
+
+def _job_cell(job: dict[str, Any]) -> str:
+    """Round trip, the worker's peak, and its rise over idle next to the estimated peak."""
+    cell = f"{job['seconds']:.2f} s, peak {_gb(job['worker_peak'])}"
+    if job.get("peak_estimate"):
+        rise = job["worker_peak"] - job["worker_idle"]
+        late = "*" if job.get("peak_estimate_after_the_run") else ""
+        cell += f" (+{_gb(rise)} over idle; est.{late} {_gb(job['peak_estimate'])})"
+    return cell
+
+
+def _short(failure: str) -> str:
+    """A failure's first sentence: the seed's refusals name every architecture it knows."""
+    return failure.split(". ")[0]
 
 
 def _chg_cell(chg: dict[str, Any], dtype: str) -> str:
@@ -222,13 +243,14 @@ def _chg_cell(chg: dict[str, Any], dtype: str) -> str:
     if ours is None and seed is None:
         return "not run"
     if not isinstance(ours, dict):
-        return str(ours)
+        seed_part = f"; seed {_per_update(seed)}" if isinstance(seed, dict) else ""
+        return f"ours {ours}{seed_part}"
     cell = _per_update(ours)
     if isinstance(seed, dict):
         ratio = seed["cpu_seconds_per_update"] / ours["cpu_seconds_per_update"]
         cell += f" vs {_per_update(seed)}: {ratio:.2f}×"
     else:
-        cell += " vs " + ("not installed" if seed is None else str(seed))
+        cell += " vs seed " + ("not installed" if seed is None else _short(str(seed)))
     return cell
 
 
@@ -248,8 +270,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['shape']} | {r['parameters'] / 1e6:.0f} M | {r['load_seconds']:.1f} s | "
             f"{_gb(r['rss_before_load'])} → {_gb(r['rss_after_load'])} | "
-            f"{score['seconds']:.2f} s, peak {_gb(score['worker_peak'])} | "
-            f"{trace['seconds']:.2f} s, peak {_gb(trace['worker_peak'])} | "
+            f"{_job_cell(score)} | {_job_cell(trace)} | "
             f"{_size(score)}; {_size(trace)} | {_chg_cell(r['chg'], 'float32')} | "
             f"{_chg_cell(r['chg'], 'bfloat16')} |"
         )
@@ -271,13 +292,22 @@ def section(rows: list[dict[str, Any]]) -> str:
             f"Written by `python -m bench --shapes` on {info['CPU']} ({info['cores']} cores, "
             f"{info['memory']}), {info['device']}, torch {info['torch']}. Models are random "
             "weights in each published shape (`bench/shapes.py`), served in float32 on the "
-            f"CPU by one worker. Runs (1-minute load average at the end): {runs}.",
+            f"CPU by one worker. Runs (1-minute load average at the end): {runs}. The "
+            "machine is shared: other sessions' tests and benchmarks ran on its 2 cores "
+            "meanwhile, and some shapes ran side by side, so wall times are inflated and "
+            "vary; the CHG comparison is by CPU time, which holds up better.",
             "",
             table(rows),
             "",
             "- worker RSS before load: a fresh process with the worker's imports; after: "
             "the serving worker once ready. Peaks: the worker's high-water mark during the "
-            "job (reset just before it); the result itself is part of it.",
+            "job (reset just before it); the result itself is part of it. Over idle: the "
+            "peak less the worker's resident memory just before the job; est.: the peak "
+            "memory the API estimated at submission (activations and result, the model "
+            "excluded). Sizes: the result file against the tensor bytes estimated at "
+            "submission (the file adds its header and summary); est.*: estimated after the "
+            "run, by the same estimator on the shape the worker publishes (`app.core.jobsize`), "
+            "for runs made before the job document carried its estimate.",
             f"- CHG: {chg['num_masks']} gate sets, batch {chg['batch_size']}, "
             f"{chg['updates']} + 2 × {chg['reg_updates']} updates, on the demo's copy prompts, "
             "each implementation in its own fresh process; ours after a one-update warm-up "
@@ -286,6 +316,11 @@ def section(rows: list[dict[str, Any]]) -> str:
             "wall and CPU seconds per update of the timed fit, the speed-up (seed / ours) "
             "by CPU time, which a machine shared with other work distorts least. The seed "
             "runs its forward passes under bfloat16 autocast whatever the weights' dtype.",
+            *[
+                f"- not measured: {name} ({'; '.join(SHAPES[name].notes) or 'not run yet'})."
+                for name in SHAPES
+                if name not in {r["shape"] for r in rows}
+            ],
             "",
         ]
     )

@@ -121,6 +121,7 @@ def run_chg(ctx: JobContext, job: ChgJob) -> AnalysisResult:
         max_length=job.max_length,
         target_join=job.target_join,
         record_history=job.record_history,
+        checkpoint_above=job.checkpoint_above,
         progress=ctx.progress,
     )
 
@@ -171,6 +172,7 @@ def run_cchg(ctx: JobContext, job: CchgJob) -> AnalysisResult:
         seed=job.seed,
         max_length=job.max_length,
         target_join=job.target_join,
+        checkpoint_above=job.checkpoint_above,
         progress=ctx.progress,
     )
 

@@ -459,6 +459,36 @@ def _graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
     return shape.layers * rows * seq * per_token * shape.dtype_bytes
 
 
+CHECKPOINTED_BLOCK_GRAPHS = 3
+"""Blocks' graphs a checkpointed backward pass holds beside the blocks' inputs: the block
+it recomputes, its gradients and the passes' transients. A chg update of 2 × 1024 tokens
+on the SmolLM2-135M shape peaked at 0.24 GiB of live memory above the model on the CPU:
+the inputs and about one and a half blocks' graphs (``bench/chg_memory.py``; glibc's heap
+may keep more resident after frees, which no estimate of live tensors covers)."""
+
+
+def _checkpointed_graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
+    """:func:`_graph_bytes` with gradient checkpointing per block: each block keeps only
+    its input (one hidden width per token) until the backward pass, which rebuilds one
+    block's graph at a time (see :data:`CHECKPOINTED_BLOCK_GRAPHS`)."""
+    inputs = shape.layers * rows * seq * shape.hidden_size * shape.dtype_bytes
+    block = _graph_bytes(shape, rows, seq) // shape.layers
+    return inputs + CHECKPOINTED_BLOCK_GRAPHS * block
+
+
+def _fit_graph_bytes(
+    job: ChgJob | CchgJob, shape: ModelShape, rows: int, lengths: list[int]
+) -> int:
+    """What autograd keeps of a fit's pass over a batch of examples of these ``lengths``
+    (prompt + target tokens): batches of ``checkpoint_above`` tokens or more are
+    checkpointed, shorter ones are not, so the longest of each kind may hold the most
+    (with a token's margin, as counts made apart may differ by one from a joined text)."""
+    short = [n for n in lengths if n <= job.checkpoint_above]
+    long = [n for n in lengths if n >= job.checkpoint_above - 1]
+    plain = _graph_bytes(shape, rows, max(short)) if short else 0
+    return max(plain, _checkpointed_graph_bytes(shape, rows, max(long)) if long else 0)
+
+
 def _fit_rows(job: ChgJob | CchgJob, n: int) -> int:
     return min(job.batch_size, max(n, 1))
 
@@ -481,17 +511,18 @@ def peak_bytes(job: JobRequest, shape: ModelShape, tokens: Tokens) -> int:
         return peak
     if isinstance(job, ChgJob):
         examples = _examples(job, tokens)
-        seq = max(p + t for p, t in examples)
+        lengths = [p + t for p, t in examples]
         picks = max(t for _, t in examples)
         sets = job.num_masks * (2 if job.num_reg_updates else 1)
         rows = sets * _fit_rows(job, len(examples))
-        return result + _graph_bytes(shape, rows, seq) + 3 * rows * picks * v * 4
+        return result + _fit_graph_bytes(job, shape, rows, lengths) + 3 * rows * picks * v * 4
     if isinstance(job, CchgJob):
         sides = [_pairs(tokens, "retain"), _pairs(tokens, "forget")]
-        seq = max(p + t for side in sides for p, t in side)
+        lengths = [p + t for side in sides for p, t in side]
         picks = max(t for side in sides for _, t in side)
         rows = job.num_masks * _fit_rows(job, len(sides[0]))
-        return result + 2 * (_graph_bytes(shape, rows, seq) + 3 * rows * picks * v * 4)
+        graph = _fit_graph_bytes(job, shape, rows, lengths)
+        return result + 2 * (graph + 3 * rows * picks * v * 4)
     if isinstance(job, AblateJob):
         examples = _examples(job, tokens)
         seq = max(p + t for p, t in examples)

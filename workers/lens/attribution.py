@@ -33,16 +33,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from workers.lens.adapters import ModelAdapter
+from workers.lens.checkpointing import DEFAULT_CHECKPOINT_ABOVE, checkpointed_blocks
 from workers.lens.errors import ContextTooLong, InvalidParameter
 from workers.lens.gated_forward import fp32_lm_head
 from workers.lens.gating import head_gates
@@ -55,8 +52,6 @@ AGGREGATES: tuple[str, ...] = ("mean", "sum", "max")
 NORMALIZE: tuple[str, ...] = ("max", "none")
 LOSSES: tuple[str, ...] = ("mean", "sum")
 DEFAULT_SEPARATOR = " "
-DEFAULT_CHECKPOINT_ABOVE = 512
-"""Inputs of at least this many tokens recompute block activations during the backward pass."""
 MASK_FIELD = "facilitating_mask"
 
 
@@ -314,7 +309,7 @@ def _summary_gradient(
     with (
         torch.enable_grad(),
         head_gates(lm.adapter, mask.to(lm.device)),
-        _checkpointed_blocks(lm.adapter, enabled=checkpointed),
+        checkpointed_blocks(lm.adapter, enabled=checkpointed),
         fp32_lm_head(lm.adapter),
     ):
         token_logp = _summary_log_probs(lm, tok, ids, inputs_embeds=embeds)
@@ -343,37 +338,6 @@ def _all_heads_nll(lm: LoadedModel, tok: Tokenized) -> float:
     ids = tok.input_ids.to(lm.device).unsqueeze(0)
     with torch.inference_mode(), fp32_lm_head(lm.adapter):
         return float(-_summary_log_probs(lm, tok, ids, input_ids=ids).mean())
-
-
-@contextmanager
-def _checkpointed_blocks(adapter: ModelAdapter, *, enabled: bool) -> Iterator[None]:
-    """Recompute each block's activations in the backward pass instead of keeping them.
-
-    transformers' own ``gradient_checkpointing_enable`` only acts on modules in
-    training mode (and leaves an input-embedding hook behind), while resident
-    models stay in eval mode; wrapping each block's ``forward`` on the instance
-    checkpoints any adapted model and is undone exactly on exit.
-    """
-    if not enabled:
-        yield
-        return
-    saved: list[tuple[torch.nn.Module, Callable[..., Any] | None]] = []
-    try:
-        for parts in adapter.blocks:
-            block = parts.block
-            saved.append((block, block.__dict__.get("forward")))
-            block.forward = partial(_checkpoint_call, block.forward)
-        yield
-    finally:
-        for block, own in reversed(saved):
-            if own is None:
-                del block.forward
-            else:
-                block.forward = own
-
-
-def _checkpoint_call(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _aggregate(values: torch.Tensor, how: str) -> float | None:

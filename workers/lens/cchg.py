@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.lens.checkpointing import DEFAULT_CHECKPOINT_ABOVE
 from workers.lens.errors import InvalidParameter
 from workers.lens.gate_fit import (
     GateUpdates,
@@ -120,11 +121,18 @@ def fit_cchg(
     seed: int | None = None,
     max_length: int | None = None,
     target_join: str = "space",
+    checkpoint_above: int = DEFAULT_CHECKPOINT_ABOVE,
     progress: ProgressCallback = no_progress,
 ) -> AnalysisResult:
     """Fit ``num_masks`` contrastive gate sets; tensors ``masks.contrastive`` [num_masks,
-    layers, heads], ``nll.retain`` and ``nll.forget`` [num_updates] (mean over sets)."""
-    check_counts(num_masks=(num_masks, 1), num_updates=(num_updates, 1), batch_size=(batch_size, 1))
+    layers, heads], ``nll.retain`` and ``nll.forget`` [num_updates] (mean over sets).
+    Batches of ``checkpoint_above`` tokens or more (padded) use gradient checkpointing."""
+    check_counts(
+        num_masks=(num_masks, 1),
+        num_updates=(num_updates, 1),
+        batch_size=(batch_size, 1),
+        checkpoint_above=(checkpoint_above, 1),
+    )
     for name, value in (("lr", lr), ("lr_end", lr_end), ("diff_clip", diff_clip)):
         if not value > 0:
             raise InvalidParameter(name, f"must be > 0, got {value}")
@@ -144,8 +152,8 @@ def fit_cchg(
     reporter = LaggedProgress(progress, STAGE, num_updates, lm.device)
     for update in range(num_updates):
         gates = fit.gates()
-        lp_retain = score_targets(lm, plan.batch(retain, update), gates).logprob
-        lp_forget = score_targets(lm, plan.batch(forget, update), gates).logprob
+        lp_retain = score_targets(lm, plan.batch(retain, update), gates, checkpoint_above).logprob
+        lp_forget = score_targets(lm, plan.batch(forget, update), gates, checkpoint_above).logprob
         push = (lp_forget - lp_retain.detach()).clamp(min=-diff_clip).mean(dim=1)
         task = -lp_retain.mean(dim=1) + push
         regulariser = -l1_weight * clamped_logit_mean(fit.logits)

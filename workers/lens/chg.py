@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.lens.checkpointing import DEFAULT_CHECKPOINT_ABOVE
 from workers.lens.errors import InvalidParameter
 from workers.lens.gate_fit import (
     GateUpdates,
@@ -83,6 +84,7 @@ class FitSettings:
     lr_end: float | None
     gradient_accum_steps: int
     record_history: bool
+    checkpoint_above: int
 
 
 @dataclass(frozen=True)
@@ -116,15 +118,21 @@ def fit_chg(
     max_length: int | None = None,
     target_join: str = "space",
     record_history: bool = False,
+    checkpoint_above: int = DEFAULT_CHECKPOINT_ABOVE,
     progress: ProgressCallback = no_progress,
 ) -> AnalysisResult:
-    """Fit ``num_masks`` gate sets in the three CHG stages and classify every head."""
+    """Fit ``num_masks`` gate sets in the three CHG stages and classify every head.
+
+    Batches of examples of ``checkpoint_above`` tokens or more (padded) are fitted with
+    gradient checkpointing per block: the same fit in less memory, for one more forward
+    pass of each block."""
     check_counts(
         num_masks=(num_masks, 1),
         num_updates=(num_updates, 1),
         num_reg_updates=(num_reg_updates, 0),
         batch_size=(batch_size, 1),
         gradient_accum_steps=(gradient_accum_steps, 1),
+        checkpoint_above=(checkpoint_above, 1),
     )
     _check_rates(l1_weight, lr, lr_end, threshold)
     check_consensus(consensus)
@@ -138,7 +146,9 @@ def fit_chg(
         max_context=lm.max_context,
     )
     generator = make_generator(seed)
-    settings = FitSettings(batch_size, lr, lr_end, gradient_accum_steps, record_history)
+    settings = FitSettings(
+        batch_size, lr, lr_end, gradient_accum_steps, record_history, checkpoint_above
+    )
     init = uniform_gate_logits(num_masks, lm, generator)
     none = _fit_stage(
         lm, data, init, torch.zeros(num_masks), num_updates, "none", settings, generator, progress
@@ -204,7 +214,8 @@ def _fit_stage(
     for update in range(updates):
         gates = fit.gates()
         for micro in range(accum):
-            scores = score_targets(lm, plan.batch(data, update * accum + micro), gates)
+            batch = plan.batch(data, update * accum + micro)
+            scores = score_targets(lm, batch, gates, settings.checkpoint_above)
             batch_nll = -scores.logprob.mean(dim=1)
             fit.backward(batch_nll.sum() / accum)
             nll[update] += batch_nll.detach() / accum

@@ -36,22 +36,34 @@ class TargetScores:
     token_accuracy: torch.Tensor
 
 
-def score_targets(lm: LoadedModel, batch: TargetBatch, gates: torch.Tensor) -> TargetScores:
+def score_targets(
+    lm: LoadedModel, batch: TargetBatch, gates: torch.Tensor, checkpoint_above: int | None = None
+) -> TargetScores:
     """Score ``batch``'s targets under each gate set of ``gates`` [sets, layers, heads].
 
-    Gradients flow into ``gates`` through the log-probs. The last token is never fed
-    (it predicts nothing), and no attention mask is passed: with right padding, causal
-    attention already keeps every real position from seeing the pads after it, and
-    without a mask the attention kernels take their faster causal path.
+    Gradients flow into ``gates`` through the log-probs; a batch whose rows (padded) hold
+    ``checkpoint_above`` tokens or more keeps only each block's input for the backward
+    pass, which recomputes the rest (gradient checkpointing: same gradients, less
+    memory). The last token is never fed (it predicts nothing), and no attention mask is
+    passed: with right padding, causal attention already keeps every real position from
+    seeing the pads after it, and without a mask the attention kernels take their faster
+    causal path.
     """
     sets, rows = gates.shape[0], len(batch)
     first = min(batch.target_starts) - 1
+    checkpointed = (
+        checkpoint_above is not None
+        and batch.input_ids.shape[1] >= checkpoint_above
+        and torch.is_grad_enabled()
+    )
     inputs = batch.input_ids[:, :-1]
     window = batch.labels[:, first + 1 :]
     picks = max(n - s for n, s in zip(batch.lengths, batch.target_starts, strict=True))
     # Each row's target positions first, in order (a stable sort keeps it on the device).
     pick = (window == IGNORE).to(torch.uint8).argsort(dim=1, stable=True)[:, :picks]
-    logits = gated_logits(lm, inputs, gates, window.shape[1], pick).float()
+    logits = gated_logits(
+        lm, inputs, gates, window.shape[1], pick, checkpointed=checkpointed
+    ).float()
     labels = window.gather(1, pick).repeat(sets, 1)
     valid = labels != IGNORE
     token_logp = -F.cross_entropy(

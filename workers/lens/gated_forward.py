@@ -36,6 +36,7 @@ from torch import nn
 
 from workers.lens import llama_gated_pass
 from workers.lens.adapters import ModelAdapter
+from workers.lens.checkpointing import checkpointed_blocks
 from workers.lens.gating import head_gates
 from workers.lens.loading import LoadedModel
 
@@ -57,13 +58,21 @@ _PROBE_KEPT = 2
 
 
 def gated_logits(
-    lm: LoadedModel, input_ids: torch.Tensor, gates: torch.Tensor, kept: int, pick: torch.Tensor
+    lm: LoadedModel,
+    input_ids: torch.Tensor,
+    gates: torch.Tensor,
+    kept: int,
+    pick: torch.Tensor,
+    *,
+    checkpointed: bool = False,
 ) -> torch.Tensor:
     """Logits [sets * rows, picks, vocab] under each gate set of ``gates`` [sets, layers,
     heads] of ``input_ids`` [rows, seq] (right-padded, no attention mask needed), at the
     positions ``pick`` [rows, picks] counted within the last ``kept`` positions. Row
-    ``s * rows + i`` is example ``i`` under gate set ``s``."""
-    return _forward(lm, input_ids, gates, kept, pick, shortcuts(lm))
+    ``s * rows + i`` is example ``i`` under gate set ``s``. ``checkpointed``: each block
+    keeps only its input for the backward pass, which recomputes the rest
+    (``workers.lens.checkpointing``); the logits and gradients are the same."""
+    return _forward(lm, input_ids, gates, kept, pick, shortcuts(lm), checkpointed)
 
 
 def shortcuts(lm: LoadedModel) -> Shortcuts:
@@ -82,21 +91,37 @@ def _forward(
     kept: int,
     pick: torch.Tensor,
     use: Shortcuts,
+    checkpointed: bool = False,
 ) -> torch.Tensor:
     if use.written_out and llama_gated_pass.covers(lm, input_ids.shape[1]):
         with _autocast(lm.device), fp32_lm_head(lm.adapter):
-            return llama_gated_pass.gated_logits(lm, input_ids, gates, kept, pick)
+            return llama_gated_pass.gated_logits(
+                lm, input_ids, gates, kept, pick, checkpointed=checkpointed
+            )
     sets, rows = gates.shape[0], input_ids.shape[0]
     extra = {"logits_to_keep": kept} if _keeps_logits(cast(Hashable, type(lm.model))) else {}
     picked = pick.repeat(sets, 1)
+    row_gates = gates.repeat_interleave(rows, dim=0)
+
+    @contextmanager
+    def pass_hooks() -> Iterator[None]:
+        """The hooks of this pass; the backward pass recomputes a checkpointed block under
+        them again, as it runs once this pass has removed them."""
+        with ExitStack() as stack:
+            stack.enter_context(head_gates(lm.adapter, row_gates))
+            if use.trim_last_mlp and kept < input_ids.shape[1]:
+                stack.enter_context(_last_mlp_only_on(lm.adapter, kept))
+            if use.share_first_attention and sets > 1:
+                stack.enter_context(_first_attention_once(lm.adapter, rows, sets))
+            yield
+
     with ExitStack() as stack:
-        stack.enter_context(head_gates(lm.adapter, gates.repeat_interleave(rows, dim=0)))
-        if use.trim_last_mlp and kept < input_ids.shape[1]:
-            stack.enter_context(_last_mlp_only_on(lm.adapter, kept))
-        if use.share_first_attention and sets > 1:
-            stack.enter_context(_first_attention_once(lm.adapter, rows, sets))
+        stack.enter_context(pass_hooks())
         if use.pick_head_positions:
             stack.enter_context(_head_only_at(lm.adapter, picked, kept))
+        stack.enter_context(
+            checkpointed_blocks(lm.adapter, enabled=checkpointed, recompute=pass_hooks)
+        )
         stack.enter_context(_autocast(lm.device))
         stack.enter_context(fp32_lm_head(lm.adapter))
         logits = lm.model(input_ids=input_ids.repeat(sets, 1), use_cache=False, **extra).logits

@@ -20,13 +20,15 @@ models whose parts are not exactly these.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.lens.adapters import BlockKind, ModelAdapter
+from workers.lens.adapters import BlockKind, BlockParts, ModelAdapter
+from workers.lens.checkpointing import checkpoint_call
 from workers.lens.loading import LoadedModel
 
 _BLOCK_PARTS = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
@@ -60,11 +62,18 @@ def covers(lm: LoadedModel, seq: int) -> bool:
 
 
 def gated_logits(
-    lm: LoadedModel, input_ids: torch.Tensor, gates: torch.Tensor, kept: int, pick: torch.Tensor
+    lm: LoadedModel,
+    input_ids: torch.Tensor,
+    gates: torch.Tensor,
+    kept: int,
+    pick: torch.Tensor,
+    *,
+    checkpointed: bool = False,
 ) -> torch.Tensor:
     """Logits [sets * rows, picks, vocab], as ``workers.lens.gated_forward.gated_logits``
     defines them: under each gate set of ``gates`` [sets, layers, heads], at positions
-    ``pick`` [rows, picks] counted within the last ``kept`` of ``input_ids`` [rows, seq]."""
+    ``pick`` [rows, picks] counted within the last ``kept`` of ``input_ids`` [rows, seq];
+    ``checkpointed``: each block's activations are recomputed in the backward pass."""
     adapter = lm.adapter
     sets, (rows, seq) = gates.shape[0], input_ids.shape
     rotary = _rotary(adapter)
@@ -72,24 +81,41 @@ def gated_logits(
     at = seq - kept + pick
     hidden = adapter.input_embeddings(input_ids)
     cos, sin = rotary(hidden, torch.arange(seq, device=hidden.device)[None])
-    shared = True  # rows not yet repeated per gate set
     for layer, parts in enumerate(adapter.blocks):
-        block, attention = parts.block, parts.attention
+        shared = layer == 0  # rows not yet repeated per gate set
         last = layer == len(adapter.blocks) - 1
         where = None if not last else at if shared else at.repeat(sets, 1)
-        heads = _attend(attention, cast(nn.Module, block.input_layernorm)(hidden), cos, sin, where)
-        if where is not None:
-            hidden = _gather(hidden, where)
-        g = gates[:, layer].to(heads.dtype)
-        if shared:
-            gated = heads[None] * g[:, None, None, :, None]
-            hidden = (hidden + parts.o_proj(gated.flatten(-2))).flatten(0, 1)
-            shared = False
-        else:
-            gated = heads.unflatten(0, (sets, rows)) * g[:, None, None, :, None]
-            hidden = hidden + parts.o_proj(gated.flatten(-2).flatten(0, 1))
-        hidden = hidden + parts.mlp(cast(nn.Module, block.post_attention_layernorm)(hidden))
+        run = partial(_block, parts, cos=cos, sin=sin, where=where, shared=shared, rows=rows)
+        g = gates[:, layer]
+        hidden = checkpoint_call(run, hidden, g) if checkpointed else run(hidden, g)
     return adapter.logit_transform(adapter.lm_head(adapter.final_norm(hidden)))
+
+
+def _block(
+    parts: BlockParts,
+    hidden: torch.Tensor,
+    gates: torch.Tensor,
+    *,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    where: torch.Tensor | None,
+    shared: bool,
+    rows: int,
+) -> torch.Tensor:
+    """One block under ``gates`` [sets, heads]: ``hidden`` [rows, seq, dim] before the
+    first gate (``shared``), [sets * rows, seq, dim] after; only at ``where`` in the last."""
+    block, attention = parts.block, parts.attention
+    heads = _attend(attention, cast(nn.Module, block.input_layernorm)(hidden), cos, sin, where)
+    if where is not None:
+        hidden = _gather(hidden, where)
+    g = gates.to(heads.dtype)
+    if shared:
+        gated = heads[None] * g[:, None, None, :, None]
+        hidden = (hidden + parts.o_proj(gated.flatten(-2))).flatten(0, 1)
+    else:
+        gated = heads.unflatten(0, (gates.shape[0], rows)) * g[:, None, None, :, None]
+        hidden = hidden + parts.o_proj(gated.flatten(-2).flatten(0, 1))
+    return hidden + parts.mlp(cast(nn.Module, block.post_attention_layernorm)(hidden))
 
 
 def _attend(
