@@ -38,6 +38,7 @@ from app.core.redis_server import free_port
 from app.stack import Stack
 from bench.client import BenchClient
 from bench.report import Row, machine, table, write_section
+from workers.lens import demo
 from workers.lens.demo import WORDS, ensure_demo_model
 
 MODEL = "demo"
@@ -558,8 +559,8 @@ def _setup(args: argparse.Namespace, mix: dict[str, float]) -> dict[str, str]:
         "service": "app.stack.Stack with lens serve's defaults (its own Redis, the API, N "
         "workers), a fresh one per run; a warm-up burst of "
         f"{2 * args.clients} jobs first, not counted",
-        "model": "the demo model (a Llama of 2 layers, hidden 64, 4 heads, trained to copy), "
-        "float32 on CPU",
+        "model": f"the demo model (a Llama of {demo.LAYERS} layers, hidden {demo.HIDDEN}, "
+        f"{demo.HEADS} heads, trained to copy), float32 on CPU",
         "during a chg": "after the first burst of each worker count, a chg of "
         f"{json.dumps(PROBE_FIT)} and {PROBE_JOBS} one-text score jobs sent one after "
         "another once its first update is reported",
