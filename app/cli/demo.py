@@ -39,7 +39,7 @@ CONFIRMS = {
 }
 
 
-def run_demo(data_dir: Path, *, num_updates: int, console: Console) -> None:
+def run_demo(data_dir: Path, *, num_updates: int | None, console: Console) -> None:
     from workers.lens.demo import DEMO_CHG, DEMO_TEXTS, copy_task_examples, ensure_demo_model
 
     with console.status("building the demo model (once; cached afterwards)…"):
@@ -68,7 +68,8 @@ def run_demo(data_dir: Path, *, num_updates: int, console: Console) -> None:
             _score(console, lens, list(DEMO_TEXTS))
             _trace(console, lens, DEMO_TEXTS[2])
             prompts, targets = copy_task_examples(DEMO_CHG["prompts"], seed=DEMO_CHG["data_seed"])
-            fit = _chg(console, lens, prompts, targets, num_updates, DEMO_CHG)
+            updates = num_updates or DEMO_CHG["num_updates"]
+            fit = _chg(console, lens, prompts, targets, updates, DEMO_CHG)
             held_out = copy_task_examples(200, seed=8)
             _ablate(console, lens, *held_out, fit)
     finally:

@@ -296,7 +296,10 @@ def demo(
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="Where the demo keeps results and logs.")
     ] = Path("data/demo"),
-    updates: Annotated[int, typer.Option(min=1, help="Updates per CHG stage.")] = 150,
+    updates: Annotated[
+        int | None,
+        typer.Option(min=1, help="Updates per CHG stage (default: the demo's own, 300)."),
+    ] = None,
 ) -> None:
     """Build the demo model, start the service on it, and run score, trace, chg and ablate jobs."""
     from rich.console import Console
