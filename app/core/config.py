@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tomllib
 from functools import lru_cache
@@ -144,6 +145,11 @@ class Limits(BaseModel):
     )
 
 
+logger = logging.getLogger(__name__)
+RENAMED = {"torch_threads": "worker_threads"}
+"""Settings that were renamed: an old config naming one is told the new name."""
+
+
 class Settings(BaseSettings):
     """Everything the API, the workers and ``lens serve`` need to agree on."""
 
@@ -255,6 +261,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, data: Any) -> Any:
+        """A setting the server does not know is ignored, but said, so that a typo or a
+        retired name in a config file does not pass for a working one."""
+        if isinstance(data, dict):
+            for key in sorted(set(data) - set(cls.model_fields)):
+                hint = f"; use {RENAMED[key]!r}" if key in RENAMED else ""
+                logger.warning("unknown setting %r is ignored%s", key, hint)
+        return data
 
     @model_validator(mode="after")
     def _read_keys_file(self) -> Settings:
