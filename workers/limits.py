@@ -53,14 +53,7 @@ def check_job(
     if shape is None:
         return
     try:
-        jobsize.check_cost(
-            job,
-            shape,
-            tokens,
-            max_result_bytes=limits.max_result_bytes,
-            max_memory_bytes=jobsize.memory_limit(shape, limits.max_job_memory_bytes),
-            guessed=False,
-        )
+        jobsize.check_cost(job, shape, tokens, limits, guessed=False)
     except jobsize.JobTooLarge as exc:
         raise LimitExceeded(str(exc)) from None
 

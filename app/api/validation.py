@@ -195,14 +195,7 @@ def estimate_cost(
         cap = min(limits.max_tokens_per_text, shape.max_context or limits.max_tokens_per_text)
         tokens = jobsize.guessed_tokens(job, cap, datasets) | tokens
     try:
-        cost = jobsize.check_cost(
-            job,
-            shape,
-            tokens,
-            max_result_bytes=limits.max_result_bytes,
-            max_memory_bytes=jobsize.memory_limit(shape, limits.max_job_memory_bytes),
-            guessed=guessed,
-        )
+        cost = jobsize.check_cost(job, shape, tokens, limits, guessed=guessed)
     except jobsize.JobTooLarge as exc:
         raise too_large(str(exc)) from None
     return JobEstimate(

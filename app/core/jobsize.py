@@ -593,15 +593,15 @@ def check_cost(
     job: JobRequest,
     shape: ModelShape,
     tokens: Tokens,
+    limits: Limits,
     *,
-    max_result_bytes: int,
-    max_memory_bytes: int | None,
     guessed: bool,
 ) -> Estimate:
-    """The job's :class:`Estimate` from ``tokens``; refuses a job whose result or peak
-    memory is over its limit (``max_memory_bytes``: the smaller of the operator's and the
-    device's, if any)."""
+    """The job's :class:`Estimate` from ``tokens``; refuses a job whose result is over
+    ``max_result_bytes`` or whose peak memory is over :func:`memory_limit`."""
     how = "tokens guessed from the texts' bytes" if guessed else "its texts' token counts"
+    max_result_bytes = limits.max_result_bytes
+    max_memory_bytes = memory_limit(shape, limits.max_job_memory_bytes)
     cost = estimate(job, shape, tokens)
     size = cost.result_bytes
     if size > max_result_bytes:
